@@ -1,0 +1,460 @@
+"""ParamClient: typed access to a param-server, with verification and retries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import grpc
+import torch
+
+from param_server import tensor_codec
+from param_server.api.v1 import param_server_pb2 as pb
+from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
+from param_server.errors import (
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ParamServerError,
+    StaleParentError,
+    StoreIOError,
+    UnavailableError,
+)
+from param_server.manifest import Manifest, VersionInfo
+from param_server.service import CHUNK_BYTES, MAX_MESSAGE_BYTES
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Buffer = bytearray | mmap.mmap
+
+_ERRORS: dict[grpc.StatusCode, type[ParamServerError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.ABORTED: StaleParentError,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: StoreIOError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+def _error(e: grpc.RpcError, what: str) -> ParamServerError:
+    code = e.code()
+    cls = _ERRORS.get(code, ParamServerError)
+    return cls(f"{what}: {code.name}: {e.details()}")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What the server did with a commit."""
+
+    manifest: Manifest
+    blobs_written: int
+    bytes_written: int
+
+
+@dataclass(slots=True)
+class FetchStats:
+    """Counters of one client, cheap to read at any time."""
+
+    bytes_streamed: int = 0
+    bytes_mapped: int = 0
+    blobs_streamed: int = 0
+    blobs_mapped: int = 0
+    retries: int = 0
+    digest_failures: int = 0
+
+
+class ParamClient:
+    """A client of one param-server.
+
+    Args:
+        target: a gRPC target such as "127.0.0.1:50051" or "unix:/path".
+        timeout: deadline in seconds of each unary call.
+        stream_timeout: deadline in seconds of each fetch or commit stream.
+        retries: attempts after the first on UNAVAILABLE, with exponential
+            backoff and jitter; fetches are retried, commits are not (a
+            retried commit could be refused as stale after the first landed).
+        backoff: first backoff delay in seconds; doubles each attempt.
+        streams: parallel streams (each on its own connection) for fetches
+            of several shards.
+        same_host: map blob files directly when the server's store is on
+            this machine's file system (verified once per blob, zero-copy).
+    """
+
+    def __init__(self, target: str, *, timeout: float = 30.0, stream_timeout: float = 600.0,
+                 retries: int = 4, backoff: float = 0.1, streams: int = 4,
+                 same_host: bool = True) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        if retries < 0 or timeout <= 0 or stream_timeout <= 0:
+            raise ValueError("retries must be >= 0 and timeouts > 0")
+        self.target = target
+        self.timeout, self.stream_timeout = timeout, stream_timeout
+        self.retries, self.backoff, self.streams = retries, backoff, streams
+        self.stats = FetchStats()
+        self._stats_lock = threading.Lock()
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        # Separate connections so parallel streams are not one TCP flow.
+        self._channels = [
+            grpc.insecure_channel(target, options=[*options, ("grpc.channel_id", i),
+                                                   ("grpc.use_local_subchannel_pool", 1)])
+            for i in range(streams)
+        ]
+        self._stubs = [pb_grpc.ParamServerStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="param-fetch")
+        self._same_host = same_host
+        self._blob_root: Path | None = None
+        self._local_checked = False
+        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> ParamClient:
+        """A client from "grpc://host:port", "host:port" or "unix:/path"."""
+        if url.startswith("unix:"):
+            return cls(url, **kwargs)
+        parsed = urlparse(url if "://" in url else f"grpc://{url}")
+        if parsed.scheme != "grpc" or not parsed.hostname or not parsed.port:
+            raise InvalidInputError(
+                f"cannot use server URL {url!r}: expected grpc://host:port, host:port "
+                "or unix:/path"
+            )
+        host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+        return cls(f"{host}:{parsed.port}", **kwargs)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> ParamClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- calls with retries -------------------------------------------------------
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if e.code() not in _RETRYABLE or attempt == self.retries:
+                    raise _error(e, what) from e
+                with self._stats_lock:
+                    self.stats.retries += 1
+                logger.warning("%s: %s, retry %d/%d in %.2fs", what, e.code().name,
+                               attempt + 1, self.retries, delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Blocks until the server answers, or raises UnavailableError."""
+        try:
+            grpc.channel_ready_future(self._channels[0]).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(
+                f"param-server at {self.target} did not answer within {timeout:.0f}s; "
+                "is it running (param-server serve) and is the address right?"
+            ) from None
+
+    # --- reading ---------------------------------------------------------------
+
+    def list_models(self) -> list[str]:
+        r = self._retry("list models", lambda: self._stubs[0].ListModels(
+            pb.ListModelsRequest(), timeout=self.timeout))
+        return list(r.models)
+
+    def get_manifest(self, model: str, version: int | None = None) -> Manifest:
+        """The manifest of `version` (HEAD when None)."""
+        r = self._retry(f"manifest of {model}@{version or 'HEAD'}",
+                        lambda: self._stubs[0].GetManifest(
+                            pb.GetManifestRequest(model=model, version=version or 0),
+                            timeout=self.timeout))
+        return Manifest.from_proto(r)
+
+    def list_versions(self, model: str) -> list[VersionInfo]:
+        r = self._retry(f"versions of {model}", lambda: self._stubs[0].ListVersions(
+            pb.ListVersionsRequest(model=model), timeout=self.timeout))
+        return [VersionInfo(v.version, v.parent, v.created_at, v.author, v.message,
+                            v.pinned, v.head, v.num_changed) for v in r.versions]
+
+    def fetch_blobs(self, manifest: Manifest, keys: Iterable[str], *,
+                    files: Iterable[str] = ()) -> dict[str, Buffer]:
+        """Verified bytes of shards (and files) of one version.
+
+        Returns a buffer per key (file names for files); each was checked
+        against the digest in `manifest` before it is returned.
+
+        Raises:
+            NotFoundError: a key or file that `manifest` does not have.
+            IntegrityError: bytes failed their digest twice.
+            UnavailableError: the server stayed unreachable.
+        """
+        wanted: dict[str, tuple[str, int, bool]] = {}
+        for k in keys:
+            e = manifest.shards.get(k)
+            if e is None:
+                raise NotFoundError(f"{manifest.model}@{manifest.version} has no shard {k!r}")
+            wanted[k] = (e.digest, e.size, False)
+        for f in files:
+            fe = manifest.files.get(f)
+            if fe is None:
+                raise NotFoundError(f"{manifest.model}@{manifest.version} has no file {f!r}")
+            wanted[f] = (fe.digest, fe.size, True)
+        out: dict[str, Buffer] = {}
+        remote = {}
+        for k, (digest, size, is_file) in wanted.items():
+            local = self._map_local(digest, size)
+            if local is not None:
+                out[k] = local
+            else:
+                remote[k] = (digest, size, is_file)
+        if remote:
+            out.update(self._fetch_remote(manifest, remote))
+        return out
+
+    def fetch_shards(self, model: str, keys: Iterable[str], version: int | None = None,
+                     manifest: Manifest | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors of shards, by shard key, all from one version.
+
+        The tensors view the received (or mapped) bytes without copies.
+        """
+        m = manifest if manifest is not None else self.get_manifest(model, version)
+        return {k: tensor_codec.decode(buf, f"{m.model}@{m.version}:{k}")
+                for k, buf in self.fetch_blobs(m, keys).items()}
+
+    # --- remote fetch ----------------------------------------------------------
+
+    def _fetch_remote(self, m: Manifest,
+                      wanted: dict[str, tuple[str, int, bool]]) -> dict[str, Buffer]:
+        # Balance streams by bytes: largest first onto the lightest stream.
+        n = min(self.streams, len(wanted))
+        groups: list[list[str]] = [[] for _ in range(n)]
+        loads = [0] * n
+        for k in sorted(wanted, key=lambda k: -wanted[k][1]):
+            i = loads.index(min(loads))
+            groups[i].append(k)
+            loads[i] += wanted[k][1]
+        if n == 1:
+            return self._fetch_group(0, m, groups[0], wanted)
+        results = list(self._pool.map(
+            lambda ig: self._fetch_group(ig[0], m, ig[1], wanted), enumerate(groups)))
+        out: dict[str, Buffer] = {}
+        for r in results:
+            out.update(r)
+        return out
+
+    def _fetch_group(self, stream: int, m: Manifest, keys: list[str],
+                     wanted: dict[str, tuple[str, int, bool]]) -> dict[str, Buffer]:
+        out: dict[str, Buffer] = {}
+        refetched: set[str] = set()
+        while True:
+            if all(k in out for k in keys):
+                return out
+            # Each attempt asks only for what earlier attempts did not deliver.
+            bad = self._retry(
+                f"fetch blobs of {m.model}@{m.version}",
+                lambda: self._stream_into(stream, m, [k for k in keys if k not in out],
+                                          wanted, out))
+            for k in bad:
+                if k in refetched:
+                    raise IntegrityError(
+                        f"{m.model}@{m.version} {k!r}: received bytes failed digest "
+                        f"{wanted[k][0]} twice; the server's copy or the network "
+                        "is corrupting data"
+                    )
+                refetched.add(k)
+
+    def _stream_into(self, stream: int, m: Manifest, keys: list[str],
+                     wanted: dict[str, tuple[str, int, bool]],
+                     out: dict[str, Buffer]) -> list[str]:
+        """One FetchShards stream; fills `out`, returns keys that failed digests."""
+        shard_keys = [k for k in keys if not wanted[k][2]]
+        file_names = [k for k in keys if wanted[k][2]]
+        calls = self._stubs[stream].FetchShards(
+            pb.FetchShardsRequest(model=m.model, version=m.version, shard_keys=shard_keys,
+                                  file_names=file_names),
+            timeout=self.stream_timeout)
+        bad: list[str] = []
+        buf: bytearray | None = None
+        view = memoryview(b"")
+        pos = 0
+        h = hashlib.sha256()
+        header: pb.BlobHeader | None = None
+
+        def finish() -> None:
+            assert header is not None and buf is not None
+            if pos != header.size:
+                raise IntegrityError(f"{header.key!r}: stream ended after {pos} of "
+                                     f"{header.size} bytes")
+            if h.hexdigest() == wanted[header.key][0] == header.digest:
+                out[header.key] = buf
+                with self._stats_lock:
+                    self.stats.bytes_streamed += pos
+                    self.stats.blobs_streamed += 1
+            else:
+                logger.warning("%s@%d %r failed its digest; will refetch", m.model,
+                               m.version, header.key)
+                with self._stats_lock:
+                    self.stats.digest_failures += 1
+                bad.append(header.key)
+
+        for chunk in calls:
+            if chunk.HasField("header"):
+                if header is not None:
+                    finish()
+                header = chunk.header
+                if header.key not in wanted or header.size != wanted[header.key][1]:
+                    raise IntegrityError(f"server sent unexpected blob {header.key!r}")
+                buf = bytearray(header.size)
+                view = memoryview(buf)
+                pos = 0
+                h = hashlib.sha256()
+            else:
+                data = chunk.data
+                if header is None or pos + len(data) > len(view):
+                    raise IntegrityError("server sent data outside a blob")
+                view[pos:pos + len(data)] = data
+                h.update(data)
+                pos += len(data)
+        if header is not None:
+            finish()
+        return bad
+
+    # --- same-host fast path ---------------------------------------------------
+
+    def _local_root(self) -> Path | None:
+        if not self._same_host:
+            return None
+        with self._lock:
+            if not self._local_checked:
+                self._local_checked = True
+                try:
+                    info = self._stubs[0].GetStoreInfo(pb.GetStoreInfoRequest(),
+                                                       timeout=self.timeout)
+                    root = Path(info.blob_root)
+                    if (root.parent / "STORE_ID").read_text().strip() == info.store_id:
+                        self._blob_root = root
+                        logger.info("same-host store at %s: mapping blobs directly", root)
+                except (grpc.RpcError, OSError):
+                    self._blob_root = None
+            return self._blob_root
+
+    def _map_local(self, digest: str, size: int) -> mmap.mmap | None:
+        """The blob mapped copy-on-write from the shared store, verified; or None."""
+        root = self._local_root()
+        if root is None or size == 0:
+            return None
+        path = root / digest[:2] / digest
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None  # collected or unreadable: stream it instead
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                return None
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if self._verified.get(digest) != sig:
+            if hashlib.sha256(mm).hexdigest() != digest:
+                logger.warning("local blob %s failed its digest; streaming instead", digest)
+                mm.close()
+                return None
+            self._verified[digest] = sig
+        with self._stats_lock:
+            self.stats.bytes_mapped += size
+            self.stats.blobs_mapped += 1
+        return mm
+
+    # --- writing ---------------------------------------------------------------
+
+    def commit(
+        self,
+        model: str,
+        parent: int,
+        shards: Mapping[str, Mapping[str, torch.Tensor] | bytes],
+        *,
+        files: Mapping[str, bytes] | None = None,
+        remove: Iterable[str] = (),
+        author: str = "",
+        message: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        allow_schema_change: bool = False,
+    ) -> CommitResult:
+        """Commits changed shards as a new version based on `parent`.
+
+        Args:
+            shards: shard key -> tensors (or ready safetensors bytes).
+            parent: compare-and-set: the version this change was made
+                against; 0 creates the model.
+
+        Raises:
+            StaleParentError: someone else committed first; refetch and retry.
+            InvalidInputError: bad names, shapes, dtypes or safetensors.
+        """
+        blobs = [(k, v if isinstance(v, bytes) else tensor_codec.encode(v), False)
+                 for k, v in shards.items()]
+        blobs += [(k, v, True) for k, v in (files or {}).items()]
+
+        def requests() -> Iterator[pb.CommitRequest]:
+            yield pb.CommitRequest(header=pb.CommitHeader(
+                model=model, parent_version=parent, author=author, message=message,
+                metadata_json=json.dumps(dict(metadata or {})),
+                allow_schema_change=allow_schema_change, remove_shards=list(remove)))
+            for key, data, is_file in blobs:
+                yield pb.CommitRequest(begin=pb.UploadBegin(
+                    key=key, size=len(data), digest=hashlib.sha256(data).hexdigest(),
+                    is_file=is_file))
+                view = memoryview(data)
+                for i in range(0, len(data), CHUNK_BYTES):
+                    yield pb.CommitRequest(data=bytes(view[i:i + CHUNK_BYTES]))
+
+        try:
+            r = self._stubs[0].Commit(requests(), timeout=self.stream_timeout)
+        except grpc.RpcError as e:
+            raise _error(e, f"commit to {model} on version {parent}") from e
+        return CommitResult(Manifest.from_proto(r.manifest), r.blobs_written, r.bytes_written)
+
+    def rollback(self, model: str, version: int, *, author: str = "",
+                 message: str = "") -> tuple[int, int]:
+        """Moves HEAD to `version`; returns (previous, new) HEAD."""
+        r = self._retry(f"rollback {model} to {version}", lambda: self._stubs[0].Rollback(
+            pb.RollbackRequest(model=model, version=version, author=author, message=message),
+            timeout=self.timeout))
+        return r.previous_head, r.head
+
+    def set_pin(self, model: str, version: int, pinned: bool = True) -> list[int]:
+        r = self._retry(f"pin {model}@{version}", lambda: self._stubs[0].SetPin(
+            pb.SetPinRequest(model=model, version=version, pinned=pinned),
+            timeout=self.timeout))
+        return list(r.pinned)
+
+    def collect_garbage(self, keep_last: int = 10, dry_run: bool = False
+                        ) -> pb.CollectGarbageResponse:
+        return self._retry("collect garbage", lambda: self._stubs[0].CollectGarbage(
+            pb.CollectGarbageRequest(keep_last=keep_last, dry_run=dry_run),
+            timeout=self.timeout))

@@ -1,0 +1,58 @@
+"""The MoE parameter server: versioned store, gRPC service, checkpoints and CLI."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from param_server.errors import (
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ParamServerError,
+    SchemaMismatchError,
+    StaleParentError,
+    StoreIOError,
+    UnavailableError,
+)
+from param_server.manifest import FileEntry, Manifest, ShardEntry, TensorInfo, VersionInfo
+from param_server.store import CommitResult, GcResult, Store
+
+# Heavy imports (torch, grpc) load on first use, so the store stays fast to import.
+_LAZY = {
+    "ServerConfig": "param_server.service",
+    "create_server": "param_server.service",
+    "serve": "param_server.service",
+    "import_checkpoint": "param_server.checkpoints",
+    "export_checkpoint": "param_server.checkpoints",
+}
+
+__all__ = [
+    "CommitResult",
+    "FileEntry",
+    "GcResult",
+    "IntegrityError",
+    "InvalidInputError",
+    "Manifest",
+    "NotFoundError",
+    "ParamServerError",
+    "SchemaMismatchError",
+    "ServerConfig",
+    "ShardEntry",
+    "StaleParentError",
+    "Store",
+    "StoreIOError",
+    "TensorInfo",
+    "UnavailableError",
+    "VersionInfo",
+    "create_server",
+    "export_checkpoint",
+    "import_checkpoint",
+    "serve",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'param_server' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf code for the public API (do not edit; see proto/)."""

@@ -1,0 +1,370 @@
+"""Hugging Face checkpoint folders in and out of the store.
+
+Tensor names map to shard keys through the declarative NAMING table: one row
+per naming scheme. Adding a model family whose experts are named differently
+means adding a row there, nothing else.
+
+Shard keys:
+    layers.{L}.experts.{E}   every tensor of expert E of layer L
+    layers.{L}.dense         the rest of layer L: attention, norms, router,
+                             shared experts, a dense MLP
+    global                   everything else: embeddings, final norm, head
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from param_server import tensor_codec
+from param_server.errors import InvalidInputError, NotFoundError
+from param_server.manifest import Manifest
+from param_server.names import check_file_name
+from param_server.safetensors_format import read_header
+from param_server.store import CommitResult, Store
+
+logger = logging.getLogger(__name__)
+
+GLOBAL_KEY = "global"
+MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024
+_WEIGHT_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertNaming:
+    """How one family of checkpoints names its routed-expert tensors."""
+
+    scheme: str
+    """A name for the scheme, shown in logs and errors."""
+    model_types: tuple[str, ...]
+    """`model_type` values of config.json known to use it (documentation)."""
+    pattern: str
+    """Regex over the full tensor name with groups `layer` and, unless
+    `fused`, `expert`."""
+    fused: bool = False
+    """All experts of the layer in one tensor, split along dim 0."""
+
+
+NAMING: tuple[ExpertNaming, ...] = (
+    ExpertNaming(
+        "mixtral",
+        ("mixtral",),
+        r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)"
+        r"\.w[123]\.weight",
+    ),
+    ExpertNaming(
+        "gate-up-down",
+        ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"),
+        r"model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)"
+        r"\.(?:gate|up|down)_proj\.weight",
+    ),
+    ExpertNaming(
+        "fused",
+        ("transformers-5-state-dict", "gpt_oss"),
+        r"model\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts"
+        r"\.(?P<param>[A-Za-z0-9_]+)(?:\.weight)?",
+        fused=True,
+    ),
+)
+_LAYER = re.compile(r"model\.layers\.(?P<layer>\d+)\..+")
+_COMPILED = tuple((row, re.compile(row.pattern)) for row in NAMING)
+
+
+def expert_key(layer: int, expert: int) -> str:
+    return f"layers.{layer}.experts.{expert}"
+
+
+def dense_key(layer: int) -> str:
+    return f"layers.{layer}.dense"
+
+
+_EXPERT_KEY = re.compile(r"layers\.(\d+)\.experts\.(\d+)")
+
+
+def parse_expert_key(key: str) -> tuple[int, int] | None:
+    """(layer, expert) of an expert shard key, else None."""
+    m = _EXPERT_KEY.fullmatch(key)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def classify(name: str) -> tuple[str, bool]:
+    """Maps a checkpoint tensor name to (shard key, fused).
+
+    For a fused tensor the key is that of expert 0's layer with "*" as the
+    expert; the caller splits it along dim 0.
+    """
+    for row, rx in _COMPILED:
+        m = rx.fullmatch(name)
+        if m:
+            layer = int(m.group("layer"))
+            if row.fused:
+                return f"layers.{layer}.experts.*", True
+            return expert_key(layer, int(m.group("expert"))), False
+    m = _LAYER.fullmatch(name)
+    if m:
+        return dense_key(int(m.group("layer"))), False
+    return GLOBAL_KEY, False
+
+
+# --- import ---------------------------------------------------------------------
+
+
+def _weight_files(src: Path) -> dict[str, Path]:
+    """tensor name -> file holding it, from the index or the single file."""
+    index = src / _WEIGHT_INDEX
+    single = src / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InvalidInputError(f"{index}: not a valid safetensors index ({e})") from e
+        out = {}
+        for name, fname in weight_map.items():
+            check_file_name(fname)
+            path = src / fname
+            if not path.is_file():
+                raise InvalidInputError(
+                    f"{index} maps {name!r} to {fname!r}, which does not exist"
+                )
+            out[name] = path
+        return out
+    if single.is_file():
+        return {}
+    raise InvalidInputError(
+        f"{src} has neither model.safetensors nor {_WEIGHT_INDEX}; pass a folder "
+        "written by save_pretrained(..., safe_serialization=True)"
+    )
+
+
+def _model_files(src: Path) -> list[Path]:
+    """Small non-weight files that travel with the model (config.json, ...)."""
+    out = []
+    for p in sorted(src.iterdir()):
+        if (not p.is_file() or p.name.endswith(".safetensors") or p.name == _WEIGHT_INDEX
+                or p.name.startswith(".")):
+            continue
+        if p.stat().st_size > MAX_MODEL_FILE_BYTES:
+            logger.warning("skipping %s: larger than %d bytes", p, MAX_MODEL_FILE_BYTES)
+            continue
+        out.append(p)
+    return out
+
+
+def import_checkpoint(
+    store: Store,
+    src: str | os.PathLike[str],
+    model: str,
+    *,
+    parent: int | None = None,
+    author: str = "import",
+    message: str = "",
+    metadata: Mapping[str, Any] | None = None,
+    allow_schema_change: bool = False,
+    progress: bool = False,
+) -> CommitResult:
+    """Imports a Hugging Face checkpoint folder as a new version of `model`.
+
+    Args:
+        store: the destination store.
+        src: a folder with config.json and model.safetensors, or sharded
+            model-*.safetensors with model.safetensors.index.json.
+        model: the model name in the store.
+        parent: the version to base the commit on; None means HEAD (or a
+            new model). Only shards whose bytes changed get new blobs.
+        author, message, metadata: provenance.
+        allow_schema_change: accept tensors that differ from the parent's.
+        progress: show a progress bar on stderr.
+
+    Raises:
+        InvalidInputError: a missing, corrupt or truncated weight file, or an
+            index naming missing files or tensors.
+        StaleParentError, SchemaMismatchError, StoreIOError: see Store.commit.
+    """
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise InvalidInputError(f"{src} has no config.json; is it a checkpoint folder?")
+    mapped = _weight_files(src)
+    files = sorted(set(mapped.values())) or [src / "model.safetensors"]
+    # Validate every header strictly first: a corrupt file fails before any write.
+    names_in: dict[Path, list[str]] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            header = read_header(fh, f.stat().st_size, str(f))
+        names_in[f] = [t.name for t in header.tensors]
+    location = {n: f for f, ns in names_in.items() for n in ns}
+    for name, f in mapped.items():
+        if location.get(name) != f:
+            raise InvalidInputError(f"index maps {name!r} to {f.name} but it is not there")
+
+    plan: dict[str, list[str]] = defaultdict(list)
+    fused: dict[int, list[str]] = defaultdict(list)
+    for name in location:
+        key, is_fused = classify(name)
+        if is_fused:
+            fused[int(key.split(".")[1])].append(name)
+        else:
+            plan[key].append(name)
+
+    if parent is None:
+        try:
+            parent = store.head(model)
+        except NotFoundError:
+            parent = 0
+    total = sum(f.stat().st_size for f in files)
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
+        staging = stack.enter_context(store.staging())
+        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True,
+                                       desc=f"import {model}", disable=not progress))
+
+        def get(name: str) -> torch.Tensor:
+            t: torch.Tensor = handles[location[name]].get_tensor(name)
+            return t
+
+        def stage(key: str, tensors: dict[str, torch.Tensor], stacked: list[str]) -> None:
+            data = tensor_codec.encode(tensors)
+            staging.add(key, data, stacked=stacked)
+            bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+        for key in sorted(plan):
+            stage(key, {n: get(n) for n in sorted(plan[key])}, [])
+        for layer, names in sorted(fused.items()):
+            whole = {n: get(n) for n in names}
+            counts = {n: t.shape[0] for n, t in whole.items() if t.dim() > 0}
+            if len(set(counts.values())) != 1 or len(counts) != len(whole):
+                raise InvalidInputError(
+                    f"layer {layer}: fused expert tensors disagree on the number of "
+                    f"experts (dim 0): {counts}"
+                )
+            for e in range(next(iter(counts.values()))):
+                key = expert_key(layer, e)
+                if key in plan:
+                    raise InvalidInputError(
+                        f"layer {layer} expert {e} appears both fused and per-expert"
+                    )
+                stage(key, {n: t[e] for n, t in whole.items()}, sorted(whole))
+        for p in _model_files(src):
+            staging.add(p.name, p.read_bytes(), is_file=True)
+        meta = {"source": "huggingface", **(metadata or {})}
+        return store.commit(model, parent, staging, author=author,
+                            message=message or f"import from {src.name}", metadata=meta,
+                            allow_schema_change=allow_schema_change)
+
+
+# --- export ---------------------------------------------------------------------
+
+
+def iter_shard_tensors(store: Store, manifest: Manifest) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(shard key, tensors) for every shard of a version, verified."""
+    for key in sorted(manifest.shards):
+        entry = manifest.shards[key]
+        path = store.verify_blob(entry.digest)
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        yield key, tensor_codec.decode(data, f"blob {entry.digest}")
+
+
+def checkpoint_tensors(
+    manifest: Manifest,
+    shards: Iterator[tuple[str, dict[str, torch.Tensor]]],
+    on_shard: Callable[[int], None] = lambda n: None,
+) -> dict[str, torch.Tensor]:
+    """Reassembles checkpoint tensors (restacking fused experts) from shards."""
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for key, tensors in shards:
+        entry = manifest.shards[key]
+        stacked = {t.name for t in entry.tensors if t.stacked}
+        for name, t in tensors.items():
+            if name in stacked:
+                le = parse_expert_key(key)
+                if le is None:
+                    raise InvalidInputError(f"stacked tensor {name!r} in non-expert shard {key!r}")
+                stacks[name][le[1]] = t
+            else:
+                out[name] = t
+        on_shard(entry.size)
+    for name, parts in stacks.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise InvalidInputError(
+                f"fused tensor {name!r} is missing experts: have {sorted(parts)}"
+            )
+        out[name] = torch.stack([parts[e] for e in range(len(parts))])
+    return out
+
+
+def export_checkpoint(
+    store: Store,
+    model: str,
+    dest: str | os.PathLike[str],
+    *,
+    version: int | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    progress: bool = False,
+) -> Path:
+    """Writes a version as a Hugging Face folder that `from_pretrained` loads.
+
+    The folder appears whole or not at all: it is written under a temporary
+    name and renamed at the end.
+
+    Raises:
+        NotFoundError: unknown model or version.
+        IntegrityError: a blob no longer matches its digest.
+        InvalidInputError: `dest` exists and is not empty.
+    """
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise InvalidInputError(f"{dest} exists and is not empty; choose a new folder")
+    manifest = store.get_manifest(model, version)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.partial")
+    tmp.mkdir(parents=True)
+    try:
+        with tqdm(total=manifest.total_bytes, unit="B", unit_scale=True,
+                  desc=f"export {model}@{manifest.version}", disable=not progress) as bar:
+            tensors = checkpoint_tensors(manifest, iter_shard_tensors(store, manifest),
+                                         bar.update)
+        for name, entry in manifest.files.items():
+            shutil.copyfile(store.verify_blob(entry.digest), tmp / name)
+        groups: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            nbytes = tensors[name].numel() * tensors[name].element_size()
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append({})
+                size = 0
+            groups[-1][name] = tensors[name]
+            size += nbytes
+        if len(groups) == 1:
+            save_file(groups[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, g in enumerate(groups, 1):
+                fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+                save_file(g, tmp / fname, metadata={"format": "pt"})
+                weight_map |= dict.fromkeys(g, fname)
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / _WEIGHT_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s@%d to %s", model, manifest.version, dest)
+    return dest

@@ -1,0 +1,334 @@
+"""The `param-server` command line: the daemon and store administration."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from param_server.errors import (
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ParamServerError,
+    StaleParentError,
+    StoreIOError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE = "./param-store"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+class ExitCode(enum.IntEnum):
+    """Exit statuses; each failure kind has its own."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2  # click's own
+    NOT_FOUND = 3
+    INVALID_INPUT = 4
+    STALE_PARENT = 5
+    INTEGRITY = 6
+    STORE_IO = 7
+    UNAVAILABLE = 8
+    ADDRESS_IN_USE = 10
+
+
+_EXIT: tuple[tuple[type[BaseException], ExitCode], ...] = (
+    (NotFoundError, ExitCode.NOT_FOUND),
+    (InvalidInputError, ExitCode.INVALID_INPUT),
+    (StaleParentError, ExitCode.STALE_PARENT),
+    (IntegrityError, ExitCode.INTEGRITY),
+    (StoreIOError, ExitCode.STORE_IO),
+    (UnavailableError, ExitCode.UNAVAILABLE),
+    (ParamServerError, ExitCode.ERROR),
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _handle_errors(fn: F) -> F:
+    """Prints our errors as one clear line and exits with their status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ParamServerError as e:
+            code = next(c for cls, c in _EXIT if isinstance(e, cls))
+            click.echo(f"error: {e}", err=True)
+            sys.exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+store_option = click.option(
+    "--store", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STORE,
+    show_default=True, envvar="PARAM_SERVER_STORE", help="Store directory.")
+server_option = click.option(
+    "--server", default=None, metavar="HOST:PORT",
+    help="Act through a running daemon instead of opening --store directly.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.version_option(package_name="moe-param-server")
+def main(log_level: str) -> None:
+    """Versioned, content-addressed parameter server for Mixture-of-Experts models."""
+    _setup_logging(log_level)
+
+
+@main.command()
+@store_option
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True,
+              help="Address to listen on (host:port; port 0 picks a free one).")
+@click.option("--max-workers", default=32, show_default=True,
+              help="Threads serving RPCs.")
+@click.option("--grace", default=10.0, show_default=True,
+              help="Seconds SIGTERM waits for running RPCs.")
+@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the bound port here once serving.")
+@_handle_errors
+def serve(store: Path, listen: str, max_workers: int, grace: float,
+          port_file: Path | None) -> None:
+    """Run the daemon until SIGTERM or Ctrl-C."""
+    from param_server.service import ServerConfig
+    from param_server.service import serve as run
+
+    try:
+        config = ServerConfig(store=store, listen=listen, max_workers=max_workers,
+                              grace_seconds=grace)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+    def ready(port: int) -> None:
+        if port_file is not None:
+            tmp = port_file.with_name(port_file.name + ".tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, port_file)
+
+    try:
+        run(config, on_ready=ready)
+    except OSError as e:
+        click.echo(f"error: {e}; pick another --listen address or stop the process "
+                   "using it", err=True)
+        sys.exit(ExitCode.ADDRESS_IN_USE)
+
+
+@main.command("import")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", required=True, help="Model name in the store.")
+@store_option
+@click.option("--message", default="", help="Commit message.")
+@click.option("--author", default=lambda: os.environ.get("USER", "import"),
+              show_default="$USER", help="Who commits.")
+@click.option("--allow-schema-change", is_flag=True,
+              help="Accept tensors that differ from the current version's.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_handle_errors
+def import_(src: Path, model: str, store: Path, message: str, author: str,
+            allow_schema_change: bool, progress: bool) -> None:
+    """Import a Hugging Face checkpoint folder as a new version."""
+    from param_server.checkpoints import import_checkpoint
+    from param_server.store import Store
+
+    r = import_checkpoint(Store(store), src, model, author=author, message=message,
+                          allow_schema_change=allow_schema_change, progress=progress)
+    m = r.manifest
+    click.echo(f"{model}@{m.version}: {len(m.shards)} shards, {len(m.changed)} changed, "
+               f"{r.blobs_written} new blobs ({_size(r.bytes_written)})")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@store_option
+@click.option("--version", type=int, default=None, help="Version (default: HEAD).")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Split weights into files of at most this size.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@_handle_errors
+def export(model: str, dest: Path, store: Path, version: int | None,
+           max_shard_size: str, progress: bool) -> None:
+    """Export a version as a Hugging Face checkpoint folder."""
+    from param_server.checkpoints import export_checkpoint
+    from param_server.store import Store
+
+    out = export_checkpoint(Store(store, create=False), model, dest, version=version,
+                            max_shard_bytes=_parse_size(max_shard_size), progress=progress)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("model")
+@store_option
+@server_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_handle_errors
+def versions(model: str, store: Path, server: str | None, as_json: bool) -> None:
+    """List a model's live versions."""
+    if server:
+        from loaders.client import ParamClient
+
+        with ParamClient.from_url(server, streams=1) as c:
+            rows = c.list_versions(model)
+    else:
+        from param_server.store import Store
+
+        rows = Store(store, create=False).list_versions(model)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+        return
+    click.echo(f"{'':2}{'VERSION':>7} {'PARENT':>6} {'CHANGED':>7}  {'CREATED':<27} "
+               f"{'AUTHOR':<12} MESSAGE")
+    for r in rows:
+        mark = ("*" if r.head else " ") + ("p" if r.pinned else " ")
+        click.echo(f"{mark}{r.version:>7} {r.parent:>6} {r.num_changed:>7}  "
+                   f"{r.created_at:<27} {r.author[:12]:<12} {r.message}")
+    click.echo("(* HEAD, p pinned)")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("version", type=int)
+@store_option
+@server_option
+@click.option("--message", default="", help="Why (recorded in history).")
+@_handle_errors
+def rollback(model: str, version: int, store: Path, server: str | None,
+             message: str) -> None:
+    """Move a model's HEAD back to VERSION (recorded in history)."""
+    author = os.environ.get("USER", "cli")
+    if server:
+        from loaders.client import ParamClient
+
+        with ParamClient.from_url(server, streams=1) as c:
+            prev, head = c.rollback(model, version, author=author, message=message)
+    else:
+        from param_server.store import Store
+
+        prev, head = Store(store, create=False).rollback(model, version, author=author,
+                                                         message=message)
+    click.echo(f"{model}: HEAD {prev} -> {head}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("version", type=int)
+@store_option
+@server_option
+@click.option("--unpin", is_flag=True, help="Remove the pin instead.")
+@_handle_errors
+def pin(model: str, version: int, store: Path, server: str | None, unpin: bool) -> None:
+    """Pin VERSION so garbage collection keeps it (or --unpin)."""
+    if server:
+        from loaders.client import ParamClient
+
+        with ParamClient.from_url(server, streams=1) as c:
+            pins = c.set_pin(model, version, not unpin)
+    else:
+        from param_server.store import Store
+
+        pins = list(Store(store, create=False).set_pin(model, version, not unpin))
+    click.echo(f"{model}: pinned versions {pins or 'none'}")
+
+
+@main.command()
+@store_option
+@server_option
+@click.option("--keep-last", default=10, show_default=True,
+              help="Newest versions to keep per model (plus pinned ones and HEAD).")
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@_handle_errors
+def gc(store: Path, server: str | None, keep_last: int, dry_run: bool) -> None:
+    """Drop old versions and delete blobs nothing retained references."""
+    if server:
+        from loaders.client import ParamClient
+
+        with ParamClient.from_url(server, streams=1) as c:
+            r = c.collect_garbage(keep_last, dry_run)
+            dropped, blobs, freed = list(r.dropped_versions), r.blobs_deleted, r.bytes_freed
+    else:
+        from param_server.store import Store
+
+        g = Store(store, create=False).gc(keep_last, dry_run=dry_run)
+        dropped = [f"{m}@{v}" for m, v in g.dropped_versions]
+        blobs, freed = g.blobs_deleted, g.bytes_freed
+    verb = "would drop" if dry_run else "dropped"
+    click.echo(f"{verb} {len(dropped)} versions {dropped}, {blobs} blobs ({_size(freed)})")
+
+
+@main.command()
+@store_option
+@_handle_errors
+def fsck(store: Path) -> None:
+    """Verify every live version's blobs exist and match their digests."""
+    from param_server.store import Store
+
+    problems = Store(store, create=False).fsck()
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        sys.exit(ExitCode.INTEGRITY)
+    click.echo("store is consistent")
+
+
+@main.command()
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Store directory (default: a temporary one, removed afterwards).")
+@click.option("--layers", default=4, show_default=True)
+@click.option("--experts", default=8, show_default=True)
+@click.option("--hidden", default=256, show_default=True)
+@_handle_errors
+def demo(store: Path | None, layers: int, experts: int, hidden: int) -> None:
+    """Start the daemon, import a tiny Mixtral, fetch experts through the API."""
+    from param_server.demo import run_demo
+
+    run_demo(store, layers=layers, experts=experts, hidden=hidden)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * units[u])
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    raise click.BadParameter(f"cannot read size {text!r}; use e.g. 500MB or 2GiB")
+
+
+if __name__ == "__main__":
+    main()

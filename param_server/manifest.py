@@ -1,0 +1,213 @@
+"""Immutable version manifests: shard keys to content digests, with provenance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from param_server.api.v1 import param_server_pb2 as pb
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """A tensor inside a shard: its checkpoint name, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stacked: bool = False
+    """True when this is one expert's slice of a fused [num_experts, ...] tensor."""
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEntry:
+    """One content-addressed safetensors blob of a version."""
+
+    key: str
+    digest: str
+    size: int
+    tensors: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A model file (config.json and similar) stored as a blob."""
+
+    name: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """An immutable version of a model."""
+
+    model: str
+    version: int
+    parent: int
+    """Version this one was committed on; 0 for the first version."""
+    created_at: str
+    author: str
+    message: str
+    metadata: dict[str, Any]
+    shards: dict[str, ShardEntry]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    changed: tuple[str, ...] = ()
+    """Shard keys whose digests differ from the parent's (or new ones)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards.values())
+
+    def digests(self) -> set[str]:
+        """Every blob digest this version references (shards and files)."""
+        return {s.digest for s in self.shards.values()} | {
+            f.digest for f in self.files.values()
+        }
+
+    # --- JSON (on disk) -------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT_VERSION,
+            "model": self.model,
+            "version": self.version,
+            "parent": self.parent,
+            "created_at": self.created_at,
+            "author": self.author,
+            "message": self.message,
+            "metadata": self.metadata,
+            "changed": list(self.changed),
+            "files": {
+                n: {"digest": f.digest, "size": f.size}
+                for n, f in sorted(self.files.items())
+            },
+            "shards": {
+                k: {
+                    "digest": s.digest,
+                    "size": s.size,
+                    "tensors": [
+                        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                        | ({"stacked": True} if t.stacked else {})
+                        for t in s.tensors
+                    ],
+                }
+                for k, s in sorted(self.shards.items())
+            },
+        }
+        return json.dumps(doc, indent=1, sort_keys=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        doc = json.loads(data)
+        if doc.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest format {doc.get('format')!r}")
+        return cls(
+            model=doc["model"],
+            version=doc["version"],
+            parent=doc["parent"],
+            created_at=doc["created_at"],
+            author=doc["author"],
+            message=doc["message"],
+            metadata=doc["metadata"],
+            changed=tuple(doc["changed"]),
+            files={
+                n: FileEntry(n, f["digest"], f["size"]) for n, f in doc["files"].items()
+            },
+            shards={
+                k: ShardEntry(
+                    k,
+                    s["digest"],
+                    s["size"],
+                    tuple(
+                        TensorInfo(
+                            t["name"], t["dtype"], tuple(t["shape"]), t.get("stacked", False)
+                        )
+                        for t in s["tensors"]
+                    ),
+                )
+                for k, s in doc["shards"].items()
+            },
+        )
+
+    # --- protobuf (on the wire) -----------------------------------------------
+
+    def to_proto(self) -> pb.Manifest:
+        return pb.Manifest(
+            model=self.model,
+            version=self.version,
+            parent=self.parent,
+            created_at=self.created_at,
+            author=self.author,
+            message=self.message,
+            metadata_json=json.dumps(self.metadata),
+            changed=list(self.changed),
+            files=[
+                pb.FileEntry(name=f.name, digest=f.digest, size=f.size)
+                for f in self.files.values()
+            ],
+            shards=[
+                pb.ShardEntry(
+                    key=s.key,
+                    digest=s.digest,
+                    size=s.size,
+                    tensors=[
+                        pb.TensorInfo(
+                            name=t.name, dtype=t.dtype, shape=list(t.shape), stacked=t.stacked
+                        )
+                        for t in s.tensors
+                    ],
+                )
+                for s in self.shards.values()
+            ],
+        )
+
+    @classmethod
+    def from_proto(cls, m: pb.Manifest) -> Manifest:
+        return cls(
+            model=m.model,
+            version=m.version,
+            parent=m.parent,
+            created_at=m.created_at,
+            author=m.author,
+            message=m.message,
+            metadata=json.loads(m.metadata_json) if m.metadata_json else {},
+            changed=tuple(m.changed),
+            files={f.name: FileEntry(f.name, f.digest, f.size) for f in m.files},
+            shards={
+                s.key: ShardEntry(
+                    s.key,
+                    s.digest,
+                    s.size,
+                    tuple(
+                        TensorInfo(t.name, t.dtype, tuple(t.shape), t.stacked)
+                        for t in s.tensors
+                    ),
+                )
+                for s in m.shards
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """A live version as listed: its number and provenance summary."""
+
+    version: int
+    parent: int
+    created_at: str
+    author: str
+    message: str
+    pinned: bool
+    head: bool
+    num_changed: int

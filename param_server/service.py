@@ -1,0 +1,319 @@
+"""The gRPC service: thin servicer methods over the store, errors mapped in one table."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from param_server.api.v1 import param_server_pb2 as pb
+from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
+from param_server.errors import (
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ParamServerError,
+    StaleParentError,
+    StoreIOError,
+)
+from param_server.names import check_model_name, check_shard_key
+from param_server.store import Store
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParamServer"].full_name
+CHUNK_BYTES = 4 * 1024 * 1024
+# A chunk plus its framing; both sides raise gRPC's 4 MiB default to this.
+MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
+
+# Typed errors to status codes, most specific first.
+_STATUS: tuple[tuple[type[ParamServerError], grpc.StatusCode], ...] = (
+    (StaleParentError, grpc.StatusCode.ABORTED),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IntegrityError, grpc.StatusCode.DATA_LOSS),
+)
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def status_for(e: ParamServerError) -> grpc.StatusCode:
+    """The gRPC status code for one of our errors."""
+    if isinstance(e, StoreIOError):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno in _FULL
+                else grpc.StatusCode.INTERNAL)
+    for cls, code in _STATUS:
+        if isinstance(e, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """Settings of the param-server daemon."""
+
+    store: Path
+    """Directory of the parameter store (created when missing)."""
+    listen: str = "127.0.0.1:50051"
+    """host:port to listen on; port 0 picks a free one."""
+    max_workers: int = 32
+    """Threads serving RPCs; each stream holds one while it runs."""
+    max_commit_bytes: int = 256 * 1024**3
+    """Largest total size of the blobs one commit may upload."""
+    grace_seconds: float = 10.0
+    """How long SIGTERM waits for running RPCs before cancelling them."""
+
+    def __post_init__(self) -> None:
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.max_commit_bytes < 1:
+            raise ValueError(f"max_commit_bytes must be >= 1, got {self.max_commit_bytes}")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(
+                f"listen address {self.listen!r} is not host:port (e.g. 127.0.0.1:50051)"
+            )
+
+
+T = TypeVar("T")
+
+
+def _abort(context: grpc.ServicerContext, e: ParamServerError) -> None:
+    code = status_for(e)
+    logger.log(logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
+               "%s: %s", code.name, e)
+    context.abort(code, str(e))
+
+
+def _unary(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+        try:
+            return fn(self, request, context)
+        except ParamServerError as e:
+            _abort(context, e)
+            raise AssertionError("unreachable") from None
+
+    return wrapper
+
+
+def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
+        try:
+            yield from fn(self, request, context)
+        except ParamServerError as e:
+            _abort(context, e)
+
+    return wrapper
+
+
+class ParamServerServicer(pb_grpc.ParamServerServicer):
+    """Validates each request, calls the store, returns its answer."""
+
+    def __init__(self, store: Store, config: ServerConfig) -> None:
+        self.store = store
+        self.config = config
+
+    @_unary
+    def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=self.store.list_models())
+
+    @_unary
+    def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.Manifest:
+        return self.store.get_manifest(request.model, request.version or None).to_proto()
+
+    @_unary
+    def ListVersions(self, request: pb.ListVersionsRequest,
+                     context: Any) -> pb.ListVersionsResponse:
+        st = self.store.state(request.model)
+        return pb.ListVersionsResponse(
+            model=request.model,
+            head=st.head,
+            versions=[
+                pb.VersionInfo(version=v.version, parent=v.parent, created_at=v.created_at,
+                               author=v.author, message=v.message, pinned=v.pinned,
+                               head=v.head, num_changed=v.num_changed)
+                for v in self.store.list_versions(request.model)
+            ],
+        )
+
+    @_streaming
+    def FetchShards(self, request: pb.FetchShardsRequest,
+                    context: Any) -> Iterator[pb.FetchChunk]:
+        m = self.store.get_manifest(request.model, request.version or None)
+        wanted: list[tuple[str, str, int, bool]] = []
+        for key in request.shard_keys:
+            entry = m.shards.get(check_shard_key(key))
+            if entry is None:
+                raise NotFoundError(
+                    f"model {m.model!r} version {m.version} has no shard {key!r}"
+                )
+            wanted.append((key, entry.digest, entry.size, False))
+        for name in request.file_names:
+            f = m.files.get(name)
+            if f is None:
+                raise NotFoundError(
+                    f"model {m.model!r} version {m.version} has no file {name!r}; "
+                    f"it has {sorted(m.files)}"
+                )
+            wanted.append((name, f.digest, f.size, True))
+        for key, digest, size, is_file in wanted:
+            path = self.store.verify_blob(digest)  # never serve corrupt bytes
+            yield pb.FetchChunk(header=pb.BlobHeader(
+                key=key, digest=digest, size=size, is_file=is_file, version=m.version))
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    yield pb.FetchChunk(data=chunk)
+
+    def Commit(self, request_iterator: Iterator[pb.CommitRequest],
+               context: Any) -> pb.CommitResponse:
+        try:
+            return self._commit(request_iterator)
+        except ParamServerError as e:
+            _abort(context, e)
+            raise AssertionError("unreachable") from None
+
+    def _commit(self, requests: Iterator[pb.CommitRequest]) -> pb.CommitResponse:
+        first = next(requests, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidInputError("a commit stream must start with a CommitHeader")
+        h = first.header
+        check_model_name(h.model)
+        try:
+            metadata = json.loads(h.metadata_json) if h.metadata_json else {}
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"metadata_json is not JSON: {e}") from e
+        if not isinstance(metadata, dict):
+            raise InvalidInputError("metadata_json must be a JSON object")
+        # Stale parents fail before the client spends time uploading.
+        self.store._check_parent(h.model, h.parent_version)
+        total = 0
+        with self.store.staging() as staging:
+            writer = None
+            for req in requests:
+                kind = req.WhichOneof("payload")
+                if kind == "begin":
+                    if writer is not None:
+                        writer.finish()
+                    b = req.begin
+                    total += b.size
+                    if total > self.config.max_commit_bytes:
+                        raise InvalidInputError(
+                            f"commit exceeds the server's limit of "
+                            f"{self.config.max_commit_bytes} bytes"
+                        )
+                    writer = staging.writer(b.key, b.size, is_file=b.is_file,
+                                            expected_digest=b.digest or None)
+                elif kind == "data":
+                    if writer is None:
+                        raise InvalidInputError("data chunk before any UploadBegin")
+                    writer.write(req.data)
+                else:
+                    raise InvalidInputError(f"unexpected {kind or 'empty'} message in a commit")
+            if writer is not None:
+                writer.finish()
+            result = self.store.commit(
+                h.model, h.parent_version, staging, remove=list(h.remove_shards),
+                author=h.author, message=h.message, metadata=metadata,
+                allow_schema_change=h.allow_schema_change,
+            )
+        return pb.CommitResponse(manifest=result.manifest.to_proto(),
+                                 blobs_written=result.blobs_written,
+                                 bytes_written=result.bytes_written)
+
+    @_unary
+    def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.RollbackResponse:
+        prev, head = self.store.rollback(request.model, request.version,
+                                         author=request.author, message=request.message)
+        return pb.RollbackResponse(previous_head=prev, head=head)
+
+    @_unary
+    def SetPin(self, request: pb.SetPinRequest, context: Any) -> pb.SetPinResponse:
+        return pb.SetPinResponse(
+            pinned=self.store.set_pin(request.model, request.version, request.pinned))
+
+    @_unary
+    def CollectGarbage(self, request: pb.CollectGarbageRequest,
+                       context: Any) -> pb.CollectGarbageResponse:
+        r = self.store.gc(request.keep_last or 10, dry_run=request.dry_run)
+        return pb.CollectGarbageResponse(
+            dropped_versions=[f"{m}@{v}" for m, v in r.dropped_versions],
+            blobs_deleted=r.blobs_deleted, bytes_freed=r.bytes_freed)
+
+    @_unary
+    def GetStoreInfo(self, request: pb.GetStoreInfoRequest, context: Any) -> pb.StoreInfo:
+        return pb.StoreInfo(store_id=self.store.store_id,
+                            blob_root=str(self.store.blob_root),
+                            hostname=socket.gethostname())
+
+
+def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Builds the server (not started) and binds it; returns (server, port, health).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    store = Store(config.store)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                   thread_name_prefix="param-server"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_ParamServerServicer_to_server(ParamServerServicer(store, config), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as e:
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {config.listen}: {e}") from e
+    if port == 0:
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {config.listen}")
+    return server, port, health_servicer
+
+
+def serve(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None) -> None:
+    """Runs the daemon until SIGTERM or SIGINT, then drains for the grace period."""
+    server, port, health_servicer = create_server(config)
+    server.start()
+    host = config.listen.rpartition(":")[0]
+    logger.info("param-server listening on %s:%d, store %s", host, port, config.store)
+    if on_ready is not None:
+        on_ready(port)
+    stopping = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        logger.info("received %s, draining for up to %.0fs",
+                    signal.Signals(signum).name, config.grace_seconds)
+        stopping.set()
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        health_servicer.enter_graceful_shutdown()
+        server.stop(config.grace_seconds).wait()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        logger.info("param-server stopped")
