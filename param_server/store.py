@@ -171,13 +171,19 @@ class BlobWriter:
             raise InvalidInputError(
                 f"{self.key!r}: received more than the announced {self.size} bytes"
             )
-        with _io_errors("write a staging file", self.path):
-            self._f.write(chunk)
+        try:
+            with _io_errors("write a staging file", self.path):
+                self._f.write(chunk)
+        except BaseException:
+            self.abort()  # an open descriptor would keep the space in use
+            raise
         self._hash.update(chunk)
         self._written += len(chunk)
 
     def abort(self) -> None:
-        self._f.close()
+        """Drops the partial blob (also when the disk is full)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
 
@@ -189,10 +195,14 @@ class BlobWriter:
                 f"{self.key!r}: stream ended after {self._written} of the announced "
                 f"{self.size} bytes"
             )
-        with _io_errors("write a staging file", self.path):
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        try:
+            with _io_errors("write a staging file", self.path):
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+        except BaseException:
+            self.abort()
+            raise
         digest = self._hash.hexdigest()
         if self._expected is not None and digest != self._expected:
             self.path.unlink()
