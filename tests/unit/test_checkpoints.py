@@ -156,7 +156,7 @@ def test_broken_checkpoints_are_refused_and_nothing_is_written(
     victim = sorted(src.glob("model-*.safetensors"))[1]
     if damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:-10])
-        match = "outside the 32758-byte data section"
+        match = r"outside the \d+-byte data section"
     elif damage == "garbage":
         victim.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
         match = "not UTF-8 JSON"
