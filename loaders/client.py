@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +33,15 @@ from param_server.errors import (
     UnavailableError,
 )
 from param_server.manifest import Manifest, VersionInfo
-from param_server.service import CHUNK_BYTES, MAX_MESSAGE_BYTES
+from param_server.service import (
+    CHUNK_BYTES,
+    COMMIT_DATA_FIELD,
+    FETCH_DATA_FIELD,
+    MAX_MESSAGE_BYTES,
+    SERVICE_NAME,
+    frame_bytes_field,
+    parse_bytes_field,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +126,20 @@ class ParamClient:
             for i in range(streams)
         ]
         self._stubs = [pb_grpc.ParamServerStub(c) for c in self._channels]
+        # Fetches and commits move raw bytes: responses are parsed by hand and
+        # data chunks framed by hand (see param_server.service.frame_bytes_field).
+        self._fetch_calls = [
+            c.unary_stream(f"/{SERVICE_NAME}/FetchShards",
+                           request_serializer=pb.FetchShardsRequest.SerializeToString,
+                           response_deserializer=None)
+            for c in self._channels
+        ]
+        self._commit_call = self._channels[0].stream_unary(
+            f"/{SERVICE_NAME}/Commit", request_serializer=None,
+            response_deserializer=pb.CommitResponse.FromString)
         self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="param-fetch")
+        self._hashers = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="param-hash")
+                         for _ in range(streams)]
         self._same_host = same_host
         self._blob_root: Path | None = None
         self._local_checked = False
@@ -141,6 +162,8 @@ class ParamClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for h in self._hashers:
+            h.shutdown(wait=False, cancel_futures=True)
         for c in self._channels:
             c.close()
 
@@ -224,8 +247,11 @@ class ParamClient:
             wanted[f] = (fe.digest, fe.size, True)
         out: dict[str, Buffer] = {}
         remote = {}
-        for k, (digest, size, is_file) in wanted.items():
-            local = self._map_local(digest, size)
+        # Mapping verifies unseen blobs (SHA-256 releases the GIL): in parallel.
+        mapped = (self._pool.map(lambda kv: self._map_local(kv[1][0], kv[1][1]),
+                                 wanted.items())
+                  if self._local_root() is not None else [None] * len(wanted))
+        for (k, (digest, size, is_file)), local in zip(wanted.items(), mapped, strict=True):
             if local is not None:
                 out[k] = local
             else:
@@ -289,57 +315,68 @@ class ParamClient:
     def _stream_into(self, stream: int, m: Manifest, keys: list[str],
                      wanted: dict[str, tuple[str, int, bool]],
                      out: dict[str, Buffer]) -> list[str]:
-        """One FetchShards stream; fills `out`, returns keys that failed digests."""
-        shard_keys = [k for k in keys if not wanted[k][2]]
-        file_names = [k for k in keys if wanted[k][2]]
-        calls = self._stubs[stream].FetchShards(
-            pb.FetchShardsRequest(model=m.model, version=m.version, shard_keys=shard_keys,
-                                  file_names=file_names),
+        """One FetchShards stream; fills `out`, returns keys that failed digests.
+
+        Chunks are copied once, from the received message into the blob's
+        buffer; hashing runs on this stream's hashing thread, overlapping the
+        receipt of the next chunk.
+        """
+        call = self._fetch_calls[stream](
+            pb.FetchShardsRequest(model=m.model, version=m.version,
+                                  shard_keys=[k for k in keys if not wanted[k][2]],
+                                  file_names=[k for k in keys if wanted[k][2]]),
             timeout=self.stream_timeout)
-        bad: list[str] = []
-        buf: bytearray | None = None
-        view = memoryview(b"")
+        hasher = self._hashers[stream]
+        received: list[tuple[pb.BlobHeader, bytearray, int, Future[str]]] = []
+        header: pb.BlobHeader | None = None
+        buf = bytearray()
+        view = memoryview(buf)
         pos = 0
         h = hashlib.sha256()
-        header: pb.BlobHeader | None = None
 
-        def finish() -> None:
-            assert header is not None and buf is not None
-            if pos != header.size:
-                raise IntegrityError(f"{header.key!r}: stream ended after {pos} of "
-                                     f"{header.size} bytes")
-            if h.hexdigest() == wanted[header.key][0] == header.digest:
-                out[header.key] = buf
+        def close_blob() -> None:
+            if header is not None:
+                received.append((header, buf, pos, hasher.submit(h.hexdigest)))
+
+        for msg in call:
+            payload = parse_bytes_field(msg, FETCH_DATA_FIELD)
+            if payload is None:
+                chunk = pb.FetchChunk.FromString(msg)
+                if chunk.HasField("header"):
+                    close_blob()
+                    header = chunk.header
+                    if header.key not in wanted or header.size != wanted[header.key][1]:
+                        raise IntegrityError(f"server sent unexpected blob {header.key!r}")
+                    buf = bytearray(header.size)
+                    view = memoryview(buf)
+                    pos = 0
+                    h = hashlib.sha256()
+                    continue
+                payload = memoryview(chunk.data)
+            n = len(payload)
+            if header is None or pos + n > len(view):
+                raise IntegrityError("server sent data outside a blob")
+            view[pos:pos + n] = payload
+            hasher.submit(h.update, view[pos:pos + n])
+            pos += n
+        close_blob()
+
+        bad: list[str] = []
+        for hdr, data, size, digest in received:
+            if size != hdr.size:
+                raise IntegrityError(f"{hdr.key!r}: stream ended after {size} of "
+                                     f"{hdr.size} bytes")
+            if digest.result() == wanted[hdr.key][0] == hdr.digest:
+                out[hdr.key] = data
                 with self._stats_lock:
-                    self.stats.bytes_streamed += pos
+                    self.stats.bytes_streamed += size
                     self.stats.blobs_streamed += 1
             else:
                 logger.warning("%s@%d %r failed its digest; will refetch", m.model,
-                               m.version, header.key)
+                               m.version, hdr.key)
                 with self._stats_lock:
                     self.stats.digest_failures += 1
-                bad.append(header.key)
-
-        for chunk in calls:
-            if chunk.HasField("header"):
-                if header is not None:
-                    finish()
-                header = chunk.header
-                if header.key not in wanted or header.size != wanted[header.key][1]:
-                    raise IntegrityError(f"server sent unexpected blob {header.key!r}")
-                buf = bytearray(header.size)
-                view = memoryview(buf)
-                pos = 0
-                h = hashlib.sha256()
-            else:
-                data = chunk.data
-                if header is None or pos + len(data) > len(view):
-                    raise IntegrityError("server sent data outside a blob")
-                view[pos:pos + len(data)] = data
-                h.update(data)
-                pos += len(data)
-        if header is not None:
-            finish()
+                bad.append(hdr.key)
         return bad
 
     # --- same-host fast path ---------------------------------------------------
@@ -420,21 +457,22 @@ class ParamClient:
                  for k, v in shards.items()]
         blobs += [(k, v, True) for k, v in (files or {}).items()]
 
-        def requests() -> Iterator[pb.CommitRequest]:
+        def requests() -> Iterator[bytes]:
             yield pb.CommitRequest(header=pb.CommitHeader(
                 model=model, parent_version=parent, author=author, message=message,
                 metadata_json=json.dumps(dict(metadata or {})),
-                allow_schema_change=allow_schema_change, remove_shards=list(remove)))
+                allow_schema_change=allow_schema_change,
+                remove_shards=list(remove))).SerializeToString()
             for key, data, is_file in blobs:
                 yield pb.CommitRequest(begin=pb.UploadBegin(
                     key=key, size=len(data), digest=hashlib.sha256(data).hexdigest(),
-                    is_file=is_file))
+                    is_file=is_file)).SerializeToString()
                 view = memoryview(data)
                 for i in range(0, len(data), CHUNK_BYTES):
-                    yield pb.CommitRequest(data=bytes(view[i:i + CHUNK_BYTES]))
+                    yield frame_bytes_field(COMMIT_DATA_FIELD, view[i:i + CHUNK_BYTES])
 
         try:
-            r = self._stubs[0].Commit(requests(), timeout=self.stream_timeout)
+            r = self._commit_call(requests(), timeout=self.stream_timeout)
         except grpc.RpcError as e:
             raise _error(e, f"commit to {model} on version {parent}") from e
         return CommitResult(Manifest.from_proto(r.manifest), r.blobs_written, r.bytes_written)

@@ -89,6 +89,44 @@ class ServerConfig:
 
 T = TypeVar("T")
 
+# Field numbers of the `bytes data` fields in FetchChunk and CommitRequest.
+FETCH_DATA_FIELD = pb.FetchChunk.DESCRIPTOR.fields_by_name["data"].number
+COMMIT_DATA_FIELD = pb.CommitRequest.DESCRIPTOR.fields_by_name["data"].number
+
+
+def frame_bytes_field(field_number: int, data: bytes | memoryview) -> bytes:
+    """The wire encoding of a message whose only set field is `bytes` `field_number`.
+
+    Python protobuf copies a multi-MiB bytes field several times when it
+    serialises (about 15 ms per 4 MiB here, slower than the network); framing
+    it by hand costs one memcpy. The result parses as the normal message.
+    """
+    n = len(data)
+    out = bytearray([(field_number << 3) | 2])
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return b"".join((out, data))
+
+
+def parse_bytes_field(msg: bytes, field_number: int) -> memoryview | None:
+    """A zero-copy view of the payload if `msg` is exactly one `bytes` field."""
+    if not msg or msg[0] != (field_number << 3) | 2:
+        return None
+    n = shift = 0
+    i = 1
+    while i < len(msg):
+        b = msg[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    if i + n != len(msg):
+        return None
+    return memoryview(msg)[i:]
+
 
 def _abort(context: grpc.ServicerContext, e: ParamServerError) -> None:
     code = status_for(e)
@@ -152,7 +190,8 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
 
     @_streaming
     def FetchShards(self, request: pb.FetchShardsRequest,
-                    context: Any) -> Iterator[pb.FetchChunk]:
+                    context: Any) -> Iterator[bytes]:
+        """Yields serialised FetchChunk messages (see create_server for why)."""
         m = self.store.get_manifest(request.model, request.version or None)
         wanted: list[tuple[str, str, int, bool]] = []
         for key in request.shard_keys:
@@ -173,10 +212,11 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         for key, digest, size, is_file in wanted:
             path = self.store.verify_blob(digest)  # never serve corrupt bytes
             yield pb.FetchChunk(header=pb.BlobHeader(
-                key=key, digest=digest, size=size, is_file=is_file, version=m.version))
+                key=key, digest=digest, size=size, is_file=is_file,
+                version=m.version)).SerializeToString()
             with open(path, "rb") as f:
                 while chunk := f.read(CHUNK_BYTES):
-                    yield pb.FetchChunk(data=chunk)
+                    yield frame_bytes_field(FETCH_DATA_FIELD, chunk)
 
     def Commit(self, request_iterator: Iterator[pb.CommitRequest],
                context: Any) -> pb.CommitResponse:
@@ -275,7 +315,17 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_ParamServerServicer_to_server(ParamServerServicer(store, config), server)
+    servicer = ParamServerServicer(store, config)
+    pb_grpc.add_ParamServerServicer_to_server(servicer, server)
+    # FetchShards yields pre-serialised messages: replace the generated handler
+    # (registered handlers are a dict, so this one wins) with one whose
+    # serializer passes the bytes through.
+    server.add_registered_method_handlers(SERVICE_NAME, {
+        "FetchShards": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchShards,
+            request_deserializer=pb.FetchShardsRequest.FromString,
+            response_serializer=None),
+    })
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -30,6 +30,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,8 +66,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old or the new file, whole."""
+def _atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Writes `data` to `path` so that readers see the old or the new file, whole.
+
+    With `sync_dir` False the caller fsyncs the directory itself (to batch it).
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -78,7 +82,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -332,6 +337,7 @@ class Store:
         self._manifests: dict[tuple[str, int], Manifest] = {}
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._verified_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- locking ---------------------------------------------------------------
 
@@ -353,6 +359,9 @@ class Store:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -550,17 +559,12 @@ class Store:
         with self._write_lock():
             base = self._check_parent(model, parent)  # again, now exclusively
             st = self._state_or_none(model)
-            written, nbytes = self._install_blobs(staging)
             version = st.next_version if st else 1
             manifest = Manifest(
                 model=model, version=version, parent=parent, created_at=utc_now(),
                 author=author, message=message, metadata=meta, shards=shards,
                 files=files, changed=tuple(changed),
             )
-            with _io_errors("write the manifest", mdir):
-                (mdir / "manifests").mkdir(parents=True, exist_ok=True)
-                (mdir / "history").mkdir(exist_ok=True)
-                _atomic_write(mdir / "manifests" / f"{version}.json", manifest.to_json())
             new = ModelState(
                 head=version,
                 seq=(st.seq if st else 0) + 1,
@@ -568,10 +572,28 @@ class Store:
                 pinned=st.pinned if st else (),
                 next_version=version + 1,
             )
-            self._move_head(model, new, {
+            record = self._record(new, {
                 "action": "commit", "version": version, "parent": parent,
                 "author": author, "message": message, "changed": len(changed),
             })
+            with _io_errors("write the manifest", mdir):
+                (mdir / "manifests").mkdir(parents=True, exist_ok=True)
+                (mdir / "history").mkdir(exist_ok=True)
+            # Blobs, manifest and history record are invisible until HEAD
+            # moves, so they become durable in parallel (one fsync wait
+            # instead of several); HEAD is written only after all of them.
+            pool = self._io_pool()
+            install = pool.submit(self._install_blobs, staging)
+            writes = [pool.submit(self._write_invisible, path, data) for path, data in (
+                (mdir / "manifests" / f"{version}.json", manifest.to_json()),
+                (mdir / "history" / f"{new.seq:012d}.json", record))]
+            written, nbytes = install.result()
+            for w in writes:
+                w.result()
+            with _io_errors("move HEAD", mdir):
+                for d in (mdir / "manifests", mdir / "history"):
+                    _fsync_dir(d)
+                _atomic_write(mdir / "HEAD", new.to_json())
             self._manifests[(model, version)] = manifest
         logger.info("committed %s@%d (parent %d): %d changed shards, %d new blobs, %d bytes",
                     model, version, parent, len(changed), written, nbytes)
@@ -619,14 +641,30 @@ class Store:
                 _fsync_dir(d)
         return written, nbytes
 
+    def _io_pool(self) -> ThreadPoolExecutor:
+        with self._thread_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=4,
+                                                thread_name_prefix="store-io")
+            return self._pool
+
+    @staticmethod
+    def _record(new: ModelState, fields: dict[str, Any]) -> bytes:
+        return json.dumps({"seq": new.seq, "time": utc_now(), **fields}).encode()
+
+    @staticmethod
+    def _write_invisible(path: Path, data: bytes) -> None:
+        """A durable file not yet referenced by HEAD (its directory synced later)."""
+        with _io_errors("write", path):
+            _atomic_write(path, data, sync_dir=False)
+
     def _move_head(self, model: str, new: ModelState, record: dict[str, Any]) -> None:
         """Writes the history record, then HEAD (the commit point). Needs the lock."""
         mdir = self._model_dir(model)
-        record = {"seq": new.seq, "time": utc_now(), **record}
         with _io_errors("move HEAD", mdir):
             (mdir / "history").mkdir(parents=True, exist_ok=True)
             _atomic_write(mdir / "history" / f"{new.seq:012d}.json",
-                          json.dumps(record).encode())
+                          self._record(new, record))
             _atomic_write(mdir / "HEAD", new.to_json())
 
     def rollback(self, model: str, version: int, *, author: str = "",

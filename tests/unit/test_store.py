@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -221,7 +222,7 @@ def test_aborted_staging_leaves_nothing(store: Store) -> None:
 def test_orphans_of_a_crashed_commit_are_invisible_and_collected(base: Store) -> None:
     # A crash after the manifest landed but before HEAD moved leaves a manifest
     # and a blob that no acknowledged version references.
-    orphan = base.get_manifest("m").to_json().replace(b'"version": 1', b'"version": 2')
+    orphan = dataclasses.replace(base.get_manifest("m"), version=2).to_json()
     (base.root / "models/m/manifests/2.json").write_bytes(orphan)
     stale = base.root / "tmp" / "deadbeef"
     stale.mkdir()

@@ -1,0 +1,153 @@
+"""The param-server command line, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loaders.client import ParamClient
+from tests.conftest import Checkpoint
+
+pytestmark = pytest.mark.integration
+COMMANDS = ["serve", "import", "export", "versions", "rollback", "pin", "gc", "fsck", "demo"]
+
+
+def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([sys.executable, "-m", "param_server.cli", "--log-level", "warning",
+                        *args], capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_everywhere(command: str | None) -> None:
+    p = cli(*([command] if command else []), "--help")
+    assert p.returncode == 0 and "Usage:" in p.stdout
+    if command is None:
+        assert all(c in p.stdout for c in COMMANDS)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    store = tmp_path / "store"
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "param_server.cli", "serve", "--store",
+                             str(store), "--listen", "127.0.0.1:0", "--port-file",
+                             str(port_file)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "daemon did not start"
+        time.sleep(0.05)
+    try:
+        yield proc, f"127.0.0.1:{port_file.read_text()}", store
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_stops_gracefully_on_sigterm(daemon: tuple[subprocess.Popen[str], str, Path]
+                                           ) -> None:
+    proc, target, _ = daemon
+    with ParamClient(target) as c:
+        assert c.list_models() == []
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "listening on 127.0.0.1:" in err and "received SIGTERM" in err
+
+
+def test_serve_on_a_busy_port_exits_with_its_own_status(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = cli("serve", "--store", str(tmp_path / "s"), "--listen", f"127.0.0.1:{port}")
+    assert p.returncode == 10, p.stderr
+    assert "cannot listen on" in p.stderr
+
+
+def test_bad_listen_address_is_a_usage_error(tmp_path: Path) -> None:
+    p = cli("serve", "--store", str(tmp_path / "s"), "--listen", "nonsense")
+    assert p.returncode == 2 and "host:port" in p.stderr
+
+
+def test_admin_flow_offline_and_through_the_daemon(
+        daemon: tuple[subprocess.Popen[str], str, Path],
+        checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    _, target, store = daemon
+    src = checkpoints["qwen3_moe-bfloat16"].path
+    p = cli("import", str(src), "--model", "q", "--store", str(store), "--no-progress",
+            "--message", "first", check=True)
+    assert "q@1:" in p.stdout and "new blobs" in p.stdout
+    cli("import", str(src), "--model", "q", "--store", str(store), "--no-progress", check=True)
+    rows = json.loads(cli("versions", "q", "--server", target, "--json", check=True).stdout)
+    assert [(r["version"], r["head"]) for r in rows] == [(1, False), (2, True)]
+    assert rows[0]["message"] == "first"
+    assert "HEAD 2 -> 1" in cli("rollback", "q", "1", "--server", target, check=True).stdout
+    assert "*" in cli("versions", "q", "--store", str(store), check=True).stdout
+    assert "[2]" in cli("pin", "q", "2", "--store", str(store), check=True).stdout
+    assert "would drop 0 versions" in cli("gc", "--server", target, "--keep-last", "1",
+                                          "--dry-run", check=True).stdout
+    out = tmp_path / "exported"
+    cli("export", "q", str(out), "--store", str(store), "--no-progress", check=True)
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert "consistent" in cli("fsck", "--store", str(store), check=True).stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["versions", "ghost"], 3, "unknown model 'ghost'"),
+        (["rollback", "ghost", "1"], 3, "unknown model"),
+        (["versions", "../x"], 4, "invalid model name"),
+        (["gc", "--keep-last", "0"], 4, "keep_last must be >= 1"),
+        (["export", "ghost", "out"], 3, "unknown model"),
+    ],
+)
+def test_errors_have_clear_messages_and_statuses(tmp_path: Path, args: list[str], code: int,
+                                                 message: str) -> None:
+    store = tmp_path / "store"
+    from param_server.store import Store
+
+    Store(store)
+    p = cli(*args, "--store", str(store))
+    assert p.returncode == code, p.stderr
+    assert p.stderr.startswith("error: ") and message in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_import_of_a_corrupt_checkpoint(checkpoints: dict[str, Checkpoint],
+                                        tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "broken"
+    shutil.copytree(checkpoints["mixtral-float32"].path, src)
+    victim = sorted(src.glob("model-*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-7])
+    p = cli("import", str(src), "--model", "m", "--store", str(tmp_path / "s"))
+    assert p.returncode == 4 and victim.name in p.stderr and "Traceback" not in p.stderr
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = cli("versions", "m", "--server", f"127.0.0.1:{port}")
+    assert p.returncode == 8 and "UNAVAILABLE" in p.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end() -> None:
+    p = cli("demo", "--layers", "2", "--experts", "4", "--hidden", "64", check=True)
+    assert "logits are identical" in p.stdout and "bit-exact to the checkpoint: True" in p.stdout
