@@ -36,7 +36,7 @@ from param_server.store import Store
 
 RAW_METHOD = "/bench.Raw/Stream"
 
-RAW_SERVER = r'''
+RAW_SERVER = r"""
 import sys
 from concurrent import futures
 from pathlib import Path
@@ -61,7 +61,7 @@ port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 print(port, flush=True)
 server.wait_for_termination()
-'''
+"""
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
@@ -82,8 +82,15 @@ def build_store(root: Path, mib: int, expert_mib: int = 4) -> tuple[Store, list[
     cols = expert_mib * 1024 * 1024 // 2 // 3 // 1024
     with store.staging() as s:
         for e in range(n):
-            s.add(f"layers.{e // 8}.experts.{e % 8}", tensor_codec.encode({
-                f"w{i}": torch.randn(1024, cols).to(torch.bfloat16) for i in (1, 2, 3)}))
+            s.add(
+                f"layers.{e // 8}.experts.{e % 8}",
+                tensor_codec.encode(
+                    {
+                        f"w{i}": torch.randn(1024, cols).to(torch.bfloat16)
+                        for i in (1, 2, 3)
+                    }
+                ),
+            )
         s.add("global", tensor_codec.encode({"embed": torch.randn(16, 16)}))
         store.commit("bench", 0, s)
     keys = [k for k in store.get_manifest("bench").shards if "experts" in k]
@@ -97,13 +104,18 @@ def start(cmd: list[str]) -> tuple[subprocess.Popen[str], int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--mib", type=int, default=256, help="bytes of experts to fetch")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--commit-gib", type=float, default=1.0,
-                    help="model size for the commit benchmark (0 skips it)")
+    ap.add_argument(
+        "--commit-gib",
+        type=float,
+        default=1.0,
+        help="model size for the commit benchmark (0 skips it)",
+    )
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -116,21 +128,25 @@ def main() -> None:
         paths = [store.blob_path(manifest.shards[k].digest) for k in keys]
         (work / "paths").write_text("\n".join(map(str, paths)))
 
-        raw, raw_port = start([sys.executable, "-c", RAW_SERVER, str(work / "paths"),
-                               str(CHUNK_BYTES)])
+        raw, raw_port = start(
+            [sys.executable, "-c", RAW_SERVER, str(work / "paths"), str(CHUNK_BYTES)]
+        )
         daemon, target = start_daemon(work / "store", work)
         results: dict[str, float] = {}
         try:
-            ch = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-            call = ch.unary_stream(RAW_METHOD, request_serializer=None,
-                                   response_deserializer=None)
+            ch = grpc.insecure_channel(
+                f"127.0.0.1:{raw_port}",
+                options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+            )
+            call = ch.unary_stream(
+                RAW_METHOD, request_serializer=None, response_deserializer=None
+            )
 
             def raw_fetch() -> None:
                 buf = bytearray(total)
                 view, pos = memoryview(buf), 0
                 for chunk in call(b""):
-                    view[pos:pos + len(chunk)] = chunk
+                    view[pos : pos + len(chunk)] = chunk
                     pos += len(chunk)
                 assert pos == total
 
@@ -140,7 +156,8 @@ def main() -> None:
                 with ParamClient(target, streams=streams, same_host=False) as c:
                     results[f"b ParamClient gRPC, {streams} stream(s)"] = timed(
                         lambda c=c: c.fetch_shards("bench", keys, manifest=manifest),
-                        args.repeat)
+                        args.repeat,
+                    )
 
             def cold() -> None:
                 with ParamClient(target, same_host=True) as c:
@@ -150,7 +167,9 @@ def main() -> None:
             results["c same-host, cold (SHA-256 verify)"] = timed(cold, args.repeat)
             with ParamClient(target, same_host=True) as c:
                 results["c same-host, warm (verified)"] = timed(
-                    lambda: c.fetch_shards("bench", keys, manifest=manifest), args.repeat)
+                    lambda: c.fetch_shards("bench", keys, manifest=manifest),
+                    args.repeat,
+                )
 
                 sink = bytearray(total)
                 sink_addr = ctypes.addressof(ctypes.c_char.from_buffer(sink))
@@ -164,14 +183,17 @@ def main() -> None:
                         pos += len(buf)
 
                 results["c same-host, warm + memcpy of every byte"] = timed(
-                    warm_copy, args.repeat)
+                    warm_copy, args.repeat
+                )
             results["d safetensors load_file"] = timed(
-                lambda: [load_file(p) for p in paths], args.repeat)
+                lambda: [load_file(p) for p in paths], args.repeat
+            )
             src, dst = bytearray(os.urandom(1024)) * (total // 1024), bytearray(total)
             s_addr = ctypes.addressof(ctypes.c_char.from_buffer(src))
             d_addr = ctypes.addressof(ctypes.c_char.from_buffer(dst))
-            results["e memcpy"] = timed(lambda: ctypes.memmove(d_addr, s_addr, total),
-                                        args.repeat)
+            results["e memcpy"] = timed(
+                lambda: ctypes.memmove(d_addr, s_addr, total), args.repeat
+            )
         finally:
             raw.kill()
             daemon.terminate()
@@ -180,16 +202,20 @@ def main() -> None:
         gbs = {k: total / v / 1e9 for k, v in results.items()}
         a = gbs["a raw grpcio, 1 stream"]
         e = gbs["e memcpy"]
-        print(f"\nfetching {total / 2**20:.0f} MiB ({len(keys)} expert shards), "
-              f"median of {args.repeat}; {platform.node()}, {os.cpu_count()} cores\n")
+        print(
+            f"\nfetching {total / 2**20:.0f} MiB ({len(keys)} expert shards), "
+            f"median of {args.repeat}; {platform.node()}, {os.cpu_count()} cores\n"
+        )
         print(f"{'path':<40} {'s':>8} {'GB/s':>8} {'vs a':>7} {'vs e':>7}")
         for k, v in results.items():
             print(f"{k:<40} {v:8.3f} {gbs[k]:8.2f} {gbs[k] / a:7.2f} {gbs[k] / e:7.3f}")
         if args.markdown:
             print("\n| path | seconds | GB/s | ÷ (a) | ÷ (e) |\n|---|---|---|---|---|")
             for k, v in results.items():
-                print(f"| {k} | {v:.3f} | {gbs[k]:.2f} | {gbs[k] / a:.2f} | "
-                      f"{gbs[k] / e:.3f} |")
+                print(
+                    f"| {k} | {v:.3f} | {gbs[k]:.2f} | {gbs[k] / a:.2f} | "
+                    f"{gbs[k] / e:.3f} |"
+                )
 
         if args.commit_gib > 0:
             commit_bench(work, args.commit_gib, args.repeat, args.markdown)
@@ -197,9 +223,22 @@ def main() -> None:
 
 def start_daemon(store: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port_file = work / f"port-{store.name}"
-    daemon = subprocess.Popen([sys.executable, "-m", "param_server.cli", "--log-level",
-                               "warning", "serve", "--store", str(store),
-                               "--listen", "127.0.0.1:0", "--port-file", str(port_file)])
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "param_server.cli",
+            "--log-level",
+            "warning",
+            "serve",
+            "--store",
+            str(store),
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(port_file),
+        ]
+    )
     while not port_file.exists():
         time.sleep(0.05)
     return daemon, f"127.0.0.1:{port_file.read_text()}"
@@ -212,8 +251,12 @@ def commit_bench(work: Path, gib: float, repeat: int, markdown: bool) -> None:
     shapes = {t.name: t.shape for t in store.get_manifest("bench").shards[key].tensors}
 
     def expert(i: int) -> bytes:
-        return tensor_codec.encode({n: torch.full(sh, float(i), dtype=torch.bfloat16)
-                                    for n, sh in shapes.items()})
+        return tensor_codec.encode(
+            {
+                n: torch.full(sh, float(i), dtype=torch.bfloat16)
+                for n, sh in shapes.items()
+            }
+        )
 
     local_t, local_w = [], []
     for i in range(repeat):
@@ -249,22 +292,38 @@ def commit_bench(work: Path, gib: float, repeat: int, markdown: bool) -> None:
 
     base = timed(write_fsync, repeat)
     model_bytes = store.get_manifest("bench").total_bytes
-    rows = [("Store.commit (in process)", statistics.median(local_t),
-             statistics.median(local_w)),
-            ("ParamClient.commit (gRPC to the daemon)", statistics.median(grpc_t),
-             statistics.median(grpc_w))]
-    print(f"\ncommit of 1 changed expert ({len(data) / 2**20:.2f} MiB) in a "
-          f"{model_bytes / 2**30:.2f} GiB model, median of {repeat}; "
-          f"write+fsync of the same bytes to a new file: {base * 1000:.1f} ms")
+    rows = [
+        (
+            "Store.commit (in process)",
+            statistics.median(local_t),
+            statistics.median(local_w),
+        ),
+        (
+            "ParamClient.commit (gRPC to the daemon)",
+            statistics.median(grpc_t),
+            statistics.median(grpc_w),
+        ),
+    ]
+    print(
+        f"\ncommit of 1 changed expert ({len(data) / 2**20:.2f} MiB) in a "
+        f"{model_bytes / 2**30:.2f} GiB model, median of {repeat}; "
+        f"write+fsync of the same bytes to a new file: {base * 1000:.1f} ms"
+    )
     for name, t, w in rows:
-        print(f"  {name:<42} wrote {w / 2**20:6.2f} MiB ({w / model_bytes * 100:.2f} % "
-              f"of the model) in {t * 1000:7.1f} ms = {t / base:.2f} x write+fsync")
+        print(
+            f"  {name:<42} wrote {w / 2**20:6.2f} MiB ({w / model_bytes * 100:.2f} % "
+            f"of the model) in {t * 1000:7.1f} ms = {t / base:.2f} x write+fsync"
+        )
     if markdown:
-        print("\n| commit path | bytes written | % of model | time | ÷ write+fsync |\n"
-              "|---|---|---|---|---|")
+        print(
+            "\n| commit path | bytes written | % of model | time | ÷ write+fsync |\n"
+            "|---|---|---|---|---|"
+        )
         for name, t, w in rows:
-            print(f"| {name} | {w / 2**20:.2f} MiB | {w / model_bytes * 100:.2f} % | "
-                  f"{t * 1000:.1f} ms | {t / base:.2f} |")
+            print(
+                f"| {name} | {w / 2**20:.2f} MiB | {w / model_bytes * 100:.2f} % | "
+                f"{t * 1000:.1f} ms | {t / base:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -1,3 +1,3 @@
-"""What an institution runs in federated rounds (Flower ClientApp); not yet implemented."""
+"""What an institution runs in federated rounds (Flower ClientApp); not built yet."""
 
 __all__: list[str] = []

@@ -1,4 +1,5 @@
-"""What inference nodes import: the parameter-server client (lazy loading and hot swaps build on it)."""
+"""What inference nodes import: the parameter-server client, and later the lazy
+expert cache and hot swapper built on it."""
 
 from loaders.client import CommitResult, FetchStats, ParamClient
 

@@ -42,6 +42,7 @@ from param_server.service import (
     frame_bytes_field,
     parse_bytes_field,
 )
+from param_server.store import GcResult
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +104,17 @@ class ParamClient:
             this machine's file system (verified once per blob, zero-copy).
     """
 
-    def __init__(self, target: str, *, timeout: float = 30.0, stream_timeout: float = 600.0,
-                 retries: int = 4, backoff: float = 0.1, streams: int = 4,
-                 same_host: bool = True) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        stream_timeout: float = 600.0,
+        retries: int = 4,
+        backoff: float = 0.1,
+        streams: int = 4,
+        same_host: bool = True,
+    ) -> None:
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         if retries < 0 or timeout <= 0 or stream_timeout <= 0:
@@ -121,25 +130,42 @@ class ParamClient:
         ]
         # Separate connections so parallel streams are not one TCP flow.
         self._channels = [
-            grpc.insecure_channel(target, options=[*options, ("grpc.channel_id", i),
-                                                   ("grpc.use_local_subchannel_pool", 1)])
+            grpc.insecure_channel(
+                target,
+                options=[
+                    *options,
+                    ("grpc.channel_id", i),
+                    ("grpc.use_local_subchannel_pool", 1),
+                ],
+            )
             for i in range(streams)
         ]
-        self._stubs = [pb_grpc.ParamServerStub(c) for c in self._channels]
+        self._stubs = [
+            pb_grpc.ParamServerStub(c)  # type: ignore[no-untyped-call]
+            for c in self._channels
+        ]
         # Fetches and commits move raw bytes: responses are parsed by hand and
         # data chunks framed by hand (see param_server.service.frame_bytes_field).
         self._fetch_calls = [
-            c.unary_stream(f"/{SERVICE_NAME}/FetchShards",
-                           request_serializer=pb.FetchShardsRequest.SerializeToString,
-                           response_deserializer=None)
+            c.unary_stream(
+                f"/{SERVICE_NAME}/FetchShards",
+                request_serializer=pb.FetchShardsRequest.SerializeToString,
+                response_deserializer=None,
+            )
             for c in self._channels
         ]
         self._commit_call = self._channels[0].stream_unary(
-            f"/{SERVICE_NAME}/Commit", request_serializer=None,
-            response_deserializer=pb.CommitResponse.FromString)
-        self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="param-fetch")
-        self._hashers = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="param-hash")
-                         for _ in range(streams)]
+            f"/{SERVICE_NAME}/Commit",
+            request_serializer=None,
+            response_deserializer=pb.CommitResponse.FromString,
+        )
+        self._pool = ThreadPoolExecutor(
+            max_workers=streams, thread_name_prefix="param-fetch"
+        )
+        self._hashers = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="param-hash")
+            for _ in range(streams)
+        ]
         self._same_host = same_host
         self._blob_root: Path | None = None
         self._local_checked = False
@@ -185,8 +211,14 @@ class ParamClient:
                     raise _error(e, what) from e
                 with self._stats_lock:
                     self.stats.retries += 1
-                logger.warning("%s: %s, retry %d/%d in %.2fs", what, e.code().name,
-                               attempt + 1, self.retries, delay)
+                logger.warning(
+                    "%s: %s, retry %d/%d in %.2fs",
+                    what,
+                    e.code().name,
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
@@ -204,26 +236,49 @@ class ParamClient:
     # --- reading ---------------------------------------------------------------
 
     def list_models(self) -> list[str]:
-        r = self._retry("list models", lambda: self._stubs[0].ListModels(
-            pb.ListModelsRequest(), timeout=self.timeout))
+        r = self._retry(
+            "list models",
+            lambda: self._stubs[0].ListModels(
+                pb.ListModelsRequest(), timeout=self.timeout
+            ),
+        )
         return list(r.models)
 
     def get_manifest(self, model: str, version: int | None = None) -> Manifest:
         """The manifest of `version` (HEAD when None)."""
-        r = self._retry(f"manifest of {model}@{version or 'HEAD'}",
-                        lambda: self._stubs[0].GetManifest(
-                            pb.GetManifestRequest(model=model, version=version or 0),
-                            timeout=self.timeout))
+        r = self._retry(
+            f"manifest of {model}@{version or 'HEAD'}",
+            lambda: self._stubs[0].GetManifest(
+                pb.GetManifestRequest(model=model, version=version or 0),
+                timeout=self.timeout,
+            ),
+        )
         return Manifest.from_proto(r)
 
     def list_versions(self, model: str) -> list[VersionInfo]:
-        r = self._retry(f"versions of {model}", lambda: self._stubs[0].ListVersions(
-            pb.ListVersionsRequest(model=model), timeout=self.timeout))
-        return [VersionInfo(v.version, v.parent, v.created_at, v.author, v.message,
-                            v.pinned, v.head, v.num_changed) for v in r.versions]
+        r = self._retry(
+            f"versions of {model}",
+            lambda: self._stubs[0].ListVersions(
+                pb.ListVersionsRequest(model=model), timeout=self.timeout
+            ),
+        )
+        return [
+            VersionInfo(
+                v.version,
+                v.parent,
+                v.created_at,
+                v.author,
+                v.message,
+                v.pinned,
+                v.head,
+                v.num_changed,
+            )
+            for v in r.versions
+        ]
 
-    def fetch_blobs(self, manifest: Manifest, keys: Iterable[str], *,
-                    files: Iterable[str] = ()) -> dict[str, Buffer]:
+    def fetch_blobs(
+        self, manifest: Manifest, keys: Iterable[str], *, files: Iterable[str] = ()
+    ) -> dict[str, Buffer]:
         """Verified bytes of shards (and files) of one version.
 
         Returns a buffer per key (file names for files); each was checked
@@ -238,20 +293,30 @@ class ParamClient:
         for k in keys:
             e = manifest.shards.get(k)
             if e is None:
-                raise NotFoundError(f"{manifest.model}@{manifest.version} has no shard {k!r}")
+                raise NotFoundError(
+                    f"{manifest.model}@{manifest.version} has no shard {k!r}"
+                )
             wanted[k] = (e.digest, e.size, False)
         for f in files:
             fe = manifest.files.get(f)
             if fe is None:
-                raise NotFoundError(f"{manifest.model}@{manifest.version} has no file {f!r}")
+                raise NotFoundError(
+                    f"{manifest.model}@{manifest.version} has no file {f!r}"
+                )
             wanted[f] = (fe.digest, fe.size, True)
         out: dict[str, Buffer] = {}
         remote = {}
         # Mapping verifies unseen blobs (SHA-256 releases the GIL): in parallel.
-        mapped = (self._pool.map(lambda kv: self._map_local(kv[1][0], kv[1][1]),
-                                 wanted.items())
-                  if self._local_root() is not None else [None] * len(wanted))
-        for (k, (digest, size, is_file)), local in zip(wanted.items(), mapped, strict=True):
+        mapped = (
+            self._pool.map(
+                lambda kv: self._map_local(kv[1][0], kv[1][1]), wanted.items()
+            )
+            if self._local_root() is not None
+            else [None] * len(wanted)
+        )
+        for (k, (digest, size, is_file)), local in zip(
+            wanted.items(), mapped, strict=True
+        ):
             if local is not None:
                 out[k] = local
             else:
@@ -260,20 +325,28 @@ class ParamClient:
             out.update(self._fetch_remote(manifest, remote))
         return out
 
-    def fetch_shards(self, model: str, keys: Iterable[str], version: int | None = None,
-                     manifest: Manifest | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    def fetch_shards(
+        self,
+        model: str,
+        keys: Iterable[str],
+        version: int | None = None,
+        manifest: Manifest | None = None,
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """Tensors of shards, by shard key, all from one version.
 
         The tensors view the received (or mapped) bytes without copies.
         """
         m = manifest if manifest is not None else self.get_manifest(model, version)
-        return {k: tensor_codec.decode(buf, f"{m.model}@{m.version}:{k}")
-                for k, buf in self.fetch_blobs(m, keys).items()}
+        return {
+            k: tensor_codec.decode(buf, f"{m.model}@{m.version}:{k}")
+            for k, buf in self.fetch_blobs(m, keys).items()
+        }
 
     # --- remote fetch ----------------------------------------------------------
 
-    def _fetch_remote(self, m: Manifest,
-                      wanted: dict[str, tuple[str, int, bool]]) -> dict[str, Buffer]:
+    def _fetch_remote(
+        self, m: Manifest, wanted: dict[str, tuple[str, int, bool]]
+    ) -> dict[str, Buffer]:
         # Balance streams by bytes: largest first onto the lightest stream.
         n = min(self.streams, len(wanted))
         groups: list[list[str]] = [[] for _ in range(n)]
@@ -284,15 +357,23 @@ class ParamClient:
             loads[i] += wanted[k][1]
         if n == 1:
             return self._fetch_group(0, m, groups[0], wanted)
-        results = list(self._pool.map(
-            lambda ig: self._fetch_group(ig[0], m, ig[1], wanted), enumerate(groups)))
+        results = list(
+            self._pool.map(
+                lambda ig: self._fetch_group(ig[0], m, ig[1], wanted), enumerate(groups)
+            )
+        )
         out: dict[str, Buffer] = {}
         for r in results:
             out.update(r)
         return out
 
-    def _fetch_group(self, stream: int, m: Manifest, keys: list[str],
-                     wanted: dict[str, tuple[str, int, bool]]) -> dict[str, Buffer]:
+    def _fetch_group(
+        self,
+        stream: int,
+        m: Manifest,
+        keys: list[str],
+        wanted: dict[str, tuple[str, int, bool]],
+    ) -> dict[str, Buffer]:
         out: dict[str, Buffer] = {}
         refetched: set[str] = set()
         while True:
@@ -301,8 +382,10 @@ class ParamClient:
             # Each attempt asks only for what earlier attempts did not deliver.
             bad = self._retry(
                 f"fetch blobs of {m.model}@{m.version}",
-                lambda: self._stream_into(stream, m, [k for k in keys if k not in out],
-                                          wanted, out))
+                lambda: self._stream_into(
+                    stream, m, [k for k in keys if k not in out], wanted, out
+                ),
+            )
             for k in bad:
                 if k in refetched:
                     raise IntegrityError(
@@ -312,9 +395,14 @@ class ParamClient:
                     )
                 refetched.add(k)
 
-    def _stream_into(self, stream: int, m: Manifest, keys: list[str],
-                     wanted: dict[str, tuple[str, int, bool]],
-                     out: dict[str, Buffer]) -> list[str]:
+    def _stream_into(
+        self,
+        stream: int,
+        m: Manifest,
+        keys: list[str],
+        wanted: dict[str, tuple[str, int, bool]],
+        out: dict[str, Buffer],
+    ) -> list[str]:
         """One FetchShards stream; fills `out`, returns keys that failed digests.
 
         Chunks are copied once, from the received message into the blob's
@@ -322,10 +410,14 @@ class ParamClient:
         receipt of the next chunk.
         """
         call = self._fetch_calls[stream](
-            pb.FetchShardsRequest(model=m.model, version=m.version,
-                                  shard_keys=[k for k in keys if not wanted[k][2]],
-                                  file_names=[k for k in keys if wanted[k][2]]),
-            timeout=self.stream_timeout)
+            pb.FetchShardsRequest(
+                model=m.model,
+                version=m.version,
+                shard_keys=[k for k in keys if not wanted[k][2]],
+                file_names=[k for k in keys if wanted[k][2]],
+            ),
+            timeout=self.stream_timeout,
+        )
         hasher = self._hashers[stream]
         received: list[tuple[pb.BlobHeader, bytearray, int, Future[str]]] = []
         header: pb.BlobHeader | None = None
@@ -346,7 +438,9 @@ class ParamClient:
                     close_blob()
                     header = chunk.header
                     if header.key not in wanted or header.size != wanted[header.key][1]:
-                        raise IntegrityError(f"server sent unexpected blob {header.key!r}")
+                        raise IntegrityError(
+                            f"server sent unexpected blob {header.key!r}"
+                        )
                     buf = bytearray(header.size)
                     view = memoryview(buf)
                     pos = 0
@@ -356,24 +450,29 @@ class ParamClient:
             n = len(payload)
             if header is None or pos + n > len(view):
                 raise IntegrityError("server sent data outside a blob")
-            view[pos:pos + n] = payload
-            hasher.submit(h.update, view[pos:pos + n])
+            view[pos : pos + n] = payload
+            hasher.submit(h.update, view[pos : pos + n])
             pos += n
         close_blob()
 
         bad: list[str] = []
         for hdr, data, size, digest in received:
             if size != hdr.size:
-                raise IntegrityError(f"{hdr.key!r}: stream ended after {size} of "
-                                     f"{hdr.size} bytes")
+                raise IntegrityError(
+                    f"{hdr.key!r}: stream ended after {size} of {hdr.size} bytes"
+                )
             if digest.result() == wanted[hdr.key][0] == hdr.digest:
                 out[hdr.key] = data
                 with self._stats_lock:
                     self.stats.bytes_streamed += size
                     self.stats.blobs_streamed += 1
             else:
-                logger.warning("%s@%d %r failed its digest; will refetch", m.model,
-                               m.version, hdr.key)
+                logger.warning(
+                    "%s@%d %r failed its digest; will refetch",
+                    m.model,
+                    m.version,
+                    hdr.key,
+                )
                 with self._stats_lock:
                     self.stats.digest_failures += 1
                 bad.append(hdr.key)
@@ -388,12 +487,15 @@ class ParamClient:
             if not self._local_checked:
                 self._local_checked = True
                 try:
-                    info = self._stubs[0].GetStoreInfo(pb.GetStoreInfoRequest(),
-                                                       timeout=self.timeout)
+                    info = self._stubs[0].GetStoreInfo(
+                        pb.GetStoreInfoRequest(), timeout=self.timeout
+                    )
                     root = Path(info.blob_root)
                     if (root.parent / "STORE_ID").read_text().strip() == info.store_id:
                         self._blob_root = root
-                        logger.info("same-host store at %s: mapping blobs directly", root)
+                        logger.info(
+                            "same-host store at %s: mapping blobs directly", root
+                        )
                 except (grpc.RpcError, OSError):
                     self._blob_root = None
             return self._blob_root
@@ -418,7 +520,9 @@ class ParamClient:
         sig = (st.st_size, st.st_mtime_ns, st.st_ino)
         if self._verified.get(digest) != sig:
             if hashlib.sha256(mm).hexdigest() != digest:
-                logger.warning("local blob %s failed its digest; streaming instead", digest)
+                logger.warning(
+                    "local blob %s failed its digest; streaming instead", digest
+                )
                 mm.close()
                 return None
             self._verified[digest] = sig
@@ -453,46 +557,82 @@ class ParamClient:
             StaleParentError: someone else committed first; refetch and retry.
             InvalidInputError: bad names, shapes, dtypes or safetensors.
         """
-        blobs = [(k, v if isinstance(v, bytes) else tensor_codec.encode(v), False)
-                 for k, v in shards.items()]
+        blobs = [
+            (k, v if isinstance(v, bytes) else tensor_codec.encode(v), False)
+            for k, v in shards.items()
+        ]
         blobs += [(k, v, True) for k, v in (files or {}).items()]
 
         def requests() -> Iterator[bytes]:
-            yield pb.CommitRequest(header=pb.CommitHeader(
-                model=model, parent_version=parent, author=author, message=message,
-                metadata_json=json.dumps(dict(metadata or {})),
-                allow_schema_change=allow_schema_change,
-                remove_shards=list(remove))).SerializeToString()
+            yield pb.CommitRequest(
+                header=pb.CommitHeader(
+                    model=model,
+                    parent_version=parent,
+                    author=author,
+                    message=message,
+                    metadata_json=json.dumps(dict(metadata or {})),
+                    allow_schema_change=allow_schema_change,
+                    remove_shards=list(remove),
+                )
+            ).SerializeToString()
             for key, data, is_file in blobs:
-                yield pb.CommitRequest(begin=pb.UploadBegin(
-                    key=key, size=len(data), digest=hashlib.sha256(data).hexdigest(),
-                    is_file=is_file)).SerializeToString()
+                yield pb.CommitRequest(
+                    begin=pb.UploadBegin(
+                        key=key,
+                        size=len(data),
+                        digest=hashlib.sha256(data).hexdigest(),
+                        is_file=is_file,
+                    )
+                ).SerializeToString()
                 view = memoryview(data)
                 for i in range(0, len(data), CHUNK_BYTES):
-                    yield frame_bytes_field(COMMIT_DATA_FIELD, view[i:i + CHUNK_BYTES])
+                    yield frame_bytes_field(
+                        COMMIT_DATA_FIELD, view[i : i + CHUNK_BYTES]
+                    )
 
         try:
             r = self._commit_call(requests(), timeout=self.stream_timeout)
         except grpc.RpcError as e:
             raise _error(e, f"commit to {model} on version {parent}") from e
-        return CommitResult(Manifest.from_proto(r.manifest), r.blobs_written, r.bytes_written)
+        return CommitResult(
+            Manifest.from_proto(r.manifest), r.blobs_written, r.bytes_written
+        )
 
-    def rollback(self, model: str, version: int, *, author: str = "",
-                 message: str = "") -> tuple[int, int]:
+    def rollback(
+        self, model: str, version: int, *, author: str = "", message: str = ""
+    ) -> tuple[int, int]:
         """Moves HEAD to `version`; returns (previous, new) HEAD."""
-        r = self._retry(f"rollback {model} to {version}", lambda: self._stubs[0].Rollback(
-            pb.RollbackRequest(model=model, version=version, author=author, message=message),
-            timeout=self.timeout))
+        r = self._retry(
+            f"rollback {model} to {version}",
+            lambda: self._stubs[0].Rollback(
+                pb.RollbackRequest(
+                    model=model, version=version, author=author, message=message
+                ),
+                timeout=self.timeout,
+            ),
+        )
         return r.previous_head, r.head
 
     def set_pin(self, model: str, version: int, pinned: bool = True) -> list[int]:
-        r = self._retry(f"pin {model}@{version}", lambda: self._stubs[0].SetPin(
-            pb.SetPinRequest(model=model, version=version, pinned=pinned),
-            timeout=self.timeout))
+        r = self._retry(
+            f"pin {model}@{version}",
+            lambda: self._stubs[0].SetPin(
+                pb.SetPinRequest(model=model, version=version, pinned=pinned),
+                timeout=self.timeout,
+            ),
+        )
         return list(r.pinned)
 
-    def collect_garbage(self, keep_last: int = 10, dry_run: bool = False
-                        ) -> pb.CollectGarbageResponse:
-        return self._retry("collect garbage", lambda: self._stubs[0].CollectGarbage(
-            pb.CollectGarbageRequest(keep_last=keep_last, dry_run=dry_run),
-            timeout=self.timeout))
+    def collect_garbage(self, keep_last: int = 10, dry_run: bool = False) -> GcResult:
+        """Drops old versions server-side (see Store.gc); returns what went."""
+        r: pb.CollectGarbageResponse = self._retry(
+            "collect garbage",
+            lambda: self._stubs[0].CollectGarbage(
+                pb.CollectGarbageRequest(keep_last=keep_last, dry_run=dry_run),
+                timeout=self.timeout,
+            ),
+        )
+        dropped = [
+            (m, int(v)) for m, _, v in (d.rpartition("@") for d in r.dropped_versions)
+        ]
+        return GcResult(dropped, r.blobs_deleted, r.bytes_freed)

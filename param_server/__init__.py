@@ -15,7 +15,13 @@ from param_server.errors import (
     StoreIOError,
     UnavailableError,
 )
-from param_server.manifest import FileEntry, Manifest, ShardEntry, TensorInfo, VersionInfo
+from param_server.manifest import (
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    TensorInfo,
+    VersionInfo,
+)
 from param_server.store import CommitResult, GcResult, Store
 
 # Heavy imports (torch, grpc) load on first use, so the store stays fast to import.

@@ -132,7 +132,9 @@ def _weight_files(src: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InvalidInputError(f"{index}: not a valid safetensors index ({e})") from e
+            raise InvalidInputError(
+                f"{index}: not a valid safetensors index ({e})"
+            ) from e
         out = {}
         for name, fname in weight_map.items():
             check_file_name(fname)
@@ -155,8 +157,12 @@ def _model_files(src: Path) -> list[Path]:
     """Small non-weight files that travel with the model (config.json, ...)."""
     out = []
     for p in sorted(src.iterdir()):
-        if (not p.is_file() or p.name.endswith(".safetensors") or p.name == _WEIGHT_INDEX
-                or p.name.startswith(".")):
+        if (
+            not p.is_file()
+            or p.name.endswith(".safetensors")
+            or p.name == _WEIGHT_INDEX
+            or p.name.startswith(".")
+        ):
             continue
         if p.stat().st_size > MAX_MODEL_FILE_BYTES:
             logger.warning("skipping %s: larger than %d bytes", p, MAX_MODEL_FILE_BYTES)
@@ -209,7 +215,9 @@ def import_checkpoint(
     location = {n: f for f, ns in names_in.items() for n in ns}
     for name, f in mapped.items():
         if location.get(name) != f:
-            raise InvalidInputError(f"index maps {name!r} to {f.name} but it is not there")
+            raise InvalidInputError(
+                f"index maps {name!r} to {f.name} but it is not there"
+            )
 
     plan: dict[str, list[str]] = defaultdict(list)
     fused: dict[int, list[str]] = defaultdict(list)
@@ -229,14 +237,23 @@ def import_checkpoint(
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
         staging = stack.enter_context(store.staging())
-        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True,
-                                       desc=f"import {model}", disable=not progress))
+        bar = stack.enter_context(
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"import {model}",
+                disable=not progress,
+            )
+        )
 
         def get(name: str) -> torch.Tensor:
             t: torch.Tensor = handles[location[name]].get_tensor(name)
             return t
 
-        def stage(key: str, tensors: dict[str, torch.Tensor], stacked: list[str]) -> None:
+        def stage(
+            key: str, tensors: dict[str, torch.Tensor], stacked: list[str]
+        ) -> None:
             data = tensor_codec.encode(tensors)
             staging.add(key, data, stacked=stacked)
             bar.update(sum(t.numel() * t.element_size() for t in tensors.values()))
@@ -261,15 +278,23 @@ def import_checkpoint(
         for p in _model_files(src):
             staging.add(p.name, p.read_bytes(), is_file=True)
         meta = {"source": "huggingface", **(metadata or {})}
-        return store.commit(model, parent, staging, author=author,
-                            message=message or f"import from {src.name}", metadata=meta,
-                            allow_schema_change=allow_schema_change)
+        return store.commit(
+            model,
+            parent,
+            staging,
+            author=author,
+            message=message or f"import from {src.name}",
+            metadata=meta,
+            allow_schema_change=allow_schema_change,
+        )
 
 
 # --- export ---------------------------------------------------------------------
 
 
-def iter_shard_tensors(store: Store, manifest: Manifest) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def iter_shard_tensors(
+    store: Store, manifest: Manifest
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(shard key, tensors) for every shard of a version, verified."""
     for key in sorted(manifest.shards):
         entry = manifest.shards[key]
@@ -294,7 +319,9 @@ def checkpoint_tensors(
             if name in stacked:
                 le = parse_expert_key(key)
                 if le is None:
-                    raise InvalidInputError(f"stacked tensor {name!r} in non-expert shard {key!r}")
+                    raise InvalidInputError(
+                        f"stacked tensor {name!r} in non-expert shard {key!r}"
+                    )
                 stacks[name][le[1]] = t
             else:
                 out[name] = t
@@ -334,10 +361,16 @@ def export_checkpoint(
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.partial")
     tmp.mkdir(parents=True)
     try:
-        with tqdm(total=manifest.total_bytes, unit="B", unit_scale=True,
-                  desc=f"export {model}@{manifest.version}", disable=not progress) as bar:
-            tensors = checkpoint_tensors(manifest, iter_shard_tensors(store, manifest),
-                                         bar.update)
+        with tqdm(
+            total=manifest.total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc=f"export {model}@{manifest.version}",
+            disable=not progress,
+        ) as bar:
+            tensors = checkpoint_tensors(
+                manifest, iter_shard_tensors(store, manifest), bar.update
+            )
         for name, entry in manifest.files.items():
             shutil.copyfile(store.verify_blob(entry.digest), tmp / name)
         groups: list[dict[str, torch.Tensor]] = [{}]
@@ -352,14 +385,18 @@ def export_checkpoint(
         if len(groups) == 1:
             save_file(groups[0], tmp / "model.safetensors", metadata={"format": "pt"})
         else:
-            weight_map = {}
+            weight_map: dict[str, str] = {}
             for i, g in enumerate(groups, 1):
                 fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
                 save_file(g, tmp / fname, metadata={"format": "pt"})
                 weight_map |= dict.fromkeys(g, fname)
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / _WEIGHT_INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (tmp / _WEIGHT_INDEX).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map},
+                    indent=2,
+                )
+            )
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)

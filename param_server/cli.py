@@ -82,16 +82,28 @@ def _setup_logging(level: str) -> None:
 
 
 store_option = click.option(
-    "--store", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STORE,
-    show_default=True, envvar="PARAM_SERVER_STORE", help="Store directory.")
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_STORE,
+    show_default=True,
+    envvar="PARAM_SERVER_STORE",
+    help="Store directory.",
+)
 server_option = click.option(
-    "--server", default=None, metavar="HOST:PORT",
-    help="Act through a running daemon instead of opening --store directly.")
+    "--server",
+    default=None,
+    metavar="HOST:PORT",
+    help="Act through a running daemon instead of opening --store directly.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 @click.version_option(package_name="moe-param-server")
 def main(log_level: str) -> None:
     """Versioned, content-addressed parameter server for Mixture-of-Experts models."""
@@ -100,24 +112,39 @@ def main(log_level: str) -> None:
 
 @main.command()
 @store_option
-@click.option("--listen", default=DEFAULT_LISTEN, show_default=True,
-              help="Address to listen on (host:port; port 0 picks a free one).")
-@click.option("--max-workers", default=32, show_default=True,
-              help="Threads serving RPCs.")
-@click.option("--grace", default=10.0, show_default=True,
-              help="Seconds SIGTERM waits for running RPCs.")
-@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write the bound port here once serving.")
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    help="Address to listen on (host:port; port 0 picks a free one).",
+)
+@click.option(
+    "--max-workers", default=32, show_default=True, help="Threads serving RPCs."
+)
+@click.option(
+    "--grace",
+    default=10.0,
+    show_default=True,
+    help="Seconds SIGTERM waits for running RPCs.",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the bound port here once serving.",
+)
 @_handle_errors
-def serve(store: Path, listen: str, max_workers: int, grace: float,
-          port_file: Path | None) -> None:
+def serve(
+    store: Path, listen: str, max_workers: int, grace: float, port_file: Path | None
+) -> None:
     """Run the daemon until SIGTERM or Ctrl-C."""
     from param_server.service import ServerConfig
     from param_server.service import serve as run
 
     try:
-        config = ServerConfig(store=store, listen=listen, max_workers=max_workers,
-                              grace_seconds=grace)
+        config = ServerConfig(
+            store=store, listen=listen, max_workers=max_workers, grace_seconds=grace
+        )
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
 
@@ -130,8 +157,10 @@ def serve(store: Path, listen: str, max_workers: int, grace: float,
     try:
         run(config, on_ready=ready)
     except OSError as e:
-        click.echo(f"error: {e}; pick another --listen address or stop the process "
-                   "using it", err=True)
+        click.echo(
+            f"error: {e}; pick another --listen address or stop the process using it",
+            err=True,
+        )
         sys.exit(ExitCode.ADDRESS_IN_USE)
 
 
@@ -140,23 +169,46 @@ def serve(store: Path, listen: str, max_workers: int, grace: float,
 @click.option("--model", required=True, help="Model name in the store.")
 @store_option
 @click.option("--message", default="", help="Commit message.")
-@click.option("--author", default=lambda: os.environ.get("USER", "import"),
-              show_default="$USER", help="Who commits.")
-@click.option("--allow-schema-change", is_flag=True,
-              help="Accept tensors that differ from the current version's.")
+@click.option(
+    "--author",
+    default=lambda: os.environ.get("USER", "import"),
+    show_default="$USER",
+    help="Who commits.",
+)
+@click.option(
+    "--allow-schema-change",
+    is_flag=True,
+    help="Accept tensors that differ from the current version's.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_handle_errors
-def import_(src: Path, model: str, store: Path, message: str, author: str,
-            allow_schema_change: bool, progress: bool) -> None:
+def import_(
+    src: Path,
+    model: str,
+    store: Path,
+    message: str,
+    author: str,
+    allow_schema_change: bool,
+    progress: bool,
+) -> None:
     """Import a Hugging Face checkpoint folder as a new version."""
     from param_server.checkpoints import import_checkpoint
     from param_server.store import Store
 
-    r = import_checkpoint(Store(store), src, model, author=author, message=message,
-                          allow_schema_change=allow_schema_change, progress=progress)
+    r = import_checkpoint(
+        Store(store),
+        src,
+        model,
+        author=author,
+        message=message,
+        allow_schema_change=allow_schema_change,
+        progress=progress,
+    )
     m = r.manifest
-    click.echo(f"{model}@{m.version}: {len(m.shards)} shards, {len(m.changed)} changed, "
-               f"{r.blobs_written} new blobs ({_size(r.bytes_written)})")
+    click.echo(
+        f"{model}@{m.version}: {len(m.shards)} shards, {len(m.changed)} changed, "
+        f"{r.blobs_written} new blobs ({_size(r.bytes_written)})"
+    )
 
 
 @main.command()
@@ -164,18 +216,34 @@ def import_(src: Path, model: str, store: Path, message: str, author: str,
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @store_option
 @click.option("--version", type=int, default=None, help="Version (default: HEAD).")
-@click.option("--max-shard-size", default="5GB", show_default=True,
-              help="Split weights into files of at most this size.")
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Split weights into files of at most this size.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_handle_errors
-def export(model: str, dest: Path, store: Path, version: int | None,
-           max_shard_size: str, progress: bool) -> None:
+def export(
+    model: str,
+    dest: Path,
+    store: Path,
+    version: int | None,
+    max_shard_size: str,
+    progress: bool,
+) -> None:
     """Export a version as a Hugging Face checkpoint folder."""
     from param_server.checkpoints import export_checkpoint
     from param_server.store import Store
 
-    out = export_checkpoint(Store(store, create=False), model, dest, version=version,
-                            max_shard_bytes=_parse_size(max_shard_size), progress=progress)
+    out = export_checkpoint(
+        Store(store, create=False),
+        model,
+        dest,
+        version=version,
+        max_shard_bytes=_parse_size(max_shard_size),
+        progress=progress,
+    )
     click.echo(f"wrote {out}")
 
 
@@ -199,12 +267,16 @@ def versions(model: str, store: Path, server: str | None, as_json: bool) -> None
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
         return
-    click.echo(f"{'':2}{'VERSION':>7} {'PARENT':>6} {'CHANGED':>7}  {'CREATED':<27} "
-               f"{'AUTHOR':<12} MESSAGE")
+    click.echo(
+        f"{'':2}{'VERSION':>7} {'PARENT':>6} {'CHANGED':>7}  {'CREATED':<27} "
+        f"{'AUTHOR':<12} MESSAGE"
+    )
     for r in rows:
         mark = ("*" if r.head else " ") + ("p" if r.pinned else " ")
-        click.echo(f"{mark}{r.version:>7} {r.parent:>6} {r.num_changed:>7}  "
-                   f"{r.created_at:<27} {r.author[:12]:<12} {r.message}")
+        click.echo(
+            f"{mark}{r.version:>7} {r.parent:>6} {r.num_changed:>7}  "
+            f"{r.created_at:<27} {r.author[:12]:<12} {r.message}"
+        )
     click.echo("(* HEAD, p pinned)")
 
 
@@ -215,8 +287,9 @@ def versions(model: str, store: Path, server: str | None, as_json: bool) -> None
 @server_option
 @click.option("--message", default="", help="Why (recorded in history).")
 @_handle_errors
-def rollback(model: str, version: int, store: Path, server: str | None,
-             message: str) -> None:
+def rollback(
+    model: str, version: int, store: Path, server: str | None, message: str
+) -> None:
     """Move a model's HEAD back to VERSION (recorded in history)."""
     author = os.environ.get("USER", "cli")
     if server:
@@ -227,8 +300,9 @@ def rollback(model: str, version: int, store: Path, server: str | None,
     else:
         from param_server.store import Store
 
-        prev, head = Store(store, create=False).rollback(model, version, author=author,
-                                                         message=message)
+        prev, head = Store(store, create=False).rollback(
+            model, version, author=author, message=message
+        )
     click.echo(f"{model}: HEAD {prev} -> {head}")
 
 
@@ -256,8 +330,12 @@ def pin(model: str, version: int, store: Path, server: str | None, unpin: bool) 
 @main.command()
 @store_option
 @server_option
-@click.option("--keep-last", default=10, show_default=True,
-              help="Newest versions to keep per model (plus pinned ones and HEAD).")
+@click.option(
+    "--keep-last",
+    default=10,
+    show_default=True,
+    help="Newest versions to keep per model (plus pinned ones and HEAD).",
+)
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
 @_handle_errors
 def gc(store: Path, server: str | None, keep_last: int, dry_run: bool) -> None:
@@ -266,16 +344,17 @@ def gc(store: Path, server: str | None, keep_last: int, dry_run: bool) -> None:
         from loaders.client import ParamClient
 
         with ParamClient.from_url(server, streams=1) as c:
-            r = c.collect_garbage(keep_last, dry_run)
-            dropped, blobs, freed = list(r.dropped_versions), r.blobs_deleted, r.bytes_freed
+            g = c.collect_garbage(keep_last, dry_run)
     else:
         from param_server.store import Store
 
         g = Store(store, create=False).gc(keep_last, dry_run=dry_run)
-        dropped = [f"{m}@{v}" for m, v in g.dropped_versions]
-        blobs, freed = g.blobs_deleted, g.bytes_freed
+    dropped = [f"{m}@{v}" for m, v in g.dropped_versions]
+    blobs, freed = g.blobs_deleted, g.bytes_freed
     verb = "would drop" if dry_run else "dropped"
-    click.echo(f"{verb} {len(dropped)} versions {dropped}, {blobs} blobs ({_size(freed)})")
+    click.echo(
+        f"{verb} {len(dropped)} versions {dropped}, {blobs} blobs ({_size(freed)})"
+    )
 
 
 @main.command()
@@ -294,8 +373,12 @@ def fsck(store: Path) -> None:
 
 
 @main.command()
-@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Store directory (default: a temporary one, removed afterwards).")
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Store directory (default: a temporary one, removed afterwards).",
+)
 @click.option("--layers", default=4, show_default=True)
 @click.option("--experts", default=8, show_default=True)
 @click.option("--hidden", default=256, show_default=True)
@@ -316,8 +399,15 @@ def _size(n: int) -> str:
 
 
 def _parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "B": 1}
+    units = {
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "B": 1,
+    }
     t = text.strip().upper()
     for u in sorted(units, key=len, reverse=True):
         if t.endswith(u):

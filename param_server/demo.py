@@ -21,8 +21,21 @@ from param_server.store import Store
 def _start_daemon(store: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port_file = workdir / "port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "param_server.cli", "--log-level", "warning", "serve",
-         "--store", str(store), "--listen", "127.0.0.1:0", "--port-file", str(port_file)])
+        [
+            sys.executable,
+            "-m",
+            "param_server.cli",
+            "--log-level",
+            "warning",
+            "serve",
+            "--store",
+            str(store),
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(port_file),
+        ]
+    )
     deadline = time.monotonic() + 60
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -43,75 +56,117 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
         work = Path(tmp)
         store = store_dir or work / "store"
         torch.manual_seed(0)
-        cfg = MixtralConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 2,
-                            num_hidden_layers=layers, num_attention_heads=4,
-                            num_key_value_heads=2, num_local_experts=experts,
-                            num_experts_per_tok=2, max_position_embeddings=256)
-        model = MixtralForCausalLM(cfg).eval()
+        cfg = MixtralConfig(
+            vocab_size=512,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=experts,
+            num_experts_per_tok=2,
+            max_position_embeddings=256,
+        )
+        model = MixtralForCausalLM(cfg).eval()  # type: ignore[no-untyped-call]
         ckpt = work / "tiny-mixtral"
         model.save_pretrained(ckpt, max_shard_size="2MB")
         n_files = len(list(ckpt.glob("*.safetensors")))
-        say(f"1. built a tiny Mixtral ({layers} layers x {experts} experts, "
+        say(
+            f"1. built a tiny Mixtral ({layers} layers x {experts} experts, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) "
-            f"saved as {n_files} safetensors files + index")
+            f"saved as {n_files} safetensors files + index"
+        )
 
         proc, port = _start_daemon(store, work)
         try:
-            say(f"2. param-server daemon pid {proc.pid} serving store {store} on "
-                f"127.0.0.1:{port}")
+            say(
+                f"2. param-server daemon pid {proc.pid} serving store {store} on "
+                f"127.0.0.1:{port}"
+            )
             t = time.perf_counter()
-            r = import_checkpoint(Store(store), ckpt, "tiny-mixtral", progress=True,
-                                  message="demo import")
+            r = import_checkpoint(
+                Store(store), ckpt, "tiny-mixtral", progress=True, message="demo import"
+            )
             m = r.manifest
-            say(f"3. imported as tiny-mixtral@{m.version}: {len(m.shards)} shards "
+            say(
+                f"3. imported as tiny-mixtral@{m.version}: {len(m.shards)} shards "
                 f"({sum(k.count('experts') for k in m.shards)} experts), "
                 f"{r.blobs_written} blobs, {r.bytes_written / 2**20:.1f} MiB in "
-                f"{time.perf_counter() - t:.2f}s")
+                f"{time.perf_counter() - t:.2f}s"
+            )
 
-            wanted = [f"layers.{layer}.experts.{e}" for layer in range(layers)
-                      for e in (0, experts - 1)]
+            wanted = [
+                f"layers.{layer}.experts.{e}"
+                for layer in range(layers)
+                for e in (0, experts - 1)
+            ]
             from safetensors.torch import load_file
 
-            source = {n: t for f in ckpt.glob("*.safetensors") for n, t in load_file(f).items()}
+            source = {
+                n: t
+                for f in ckpt.glob("*.safetensors")
+                for n, t in load_file(f).items()
+            }
             for same_host in (False, True):
                 with ParamClient(f"127.0.0.1:{port}", same_host=same_host) as client:
                     client.wait_ready()
                     manifest = client.get_manifest("tiny-mixtral")
                     t = time.perf_counter()
-                    shards = client.fetch_shards("tiny-mixtral", wanted, manifest=manifest)
+                    shards = client.fetch_shards(
+                        "tiny-mixtral", wanted, manifest=manifest
+                    )
                     dt = time.perf_counter() - t
-                    ok = all(torch.equal(tensor, source[name]) for tensors in shards.values()
-                             for name, tensor in tensors.items())
+                    ok = all(
+                        torch.equal(tensor, source[name])
+                        for tensors in shards.values()
+                        for name, tensor in tensors.items()
+                    )
                     s = client.stats
                     how = "mapped same-host" if same_host else "streamed over gRPC"
-                    say(f"4. fetched {len(shards)} experts {how}: "
+                    say(
+                        f"4. fetched {len(shards)} experts {how}: "
                         f"{(s.bytes_streamed + s.bytes_mapped) / 2**20:.2f} MiB in "
-                        f"{dt * 1000:.1f} ms, bit-exact to the checkpoint: {ok}")
+                        f"{dt * 1000:.1f} ms, bit-exact to the checkpoint: {ok}"
+                    )
 
             with ParamClient(f"127.0.0.1:{port}") as client:
                 key = "layers.0.experts.0"
-                tensors = client.fetch_shards("tiny-mixtral", [key], manifest=manifest)[key]
+                tensors = client.fetch_shards("tiny-mixtral", [key], manifest=manifest)[
+                    key
+                ]
                 updated = {n: t.clone() * 0.5 for n, t in tensors.items()}
-                c = client.commit("tiny-mixtral", manifest.version, {key: updated},
-                                  author="demo", message="halve one expert")
-                say(f"5. committed tiny-mixtral@{c.manifest.version} changing {key}: "
-                    f"{c.blobs_written} blob, {c.bytes_written / 1024:.1f} KiB written")
+                c = client.commit(
+                    "tiny-mixtral",
+                    manifest.version,
+                    {key: updated},
+                    author="demo",
+                    message="halve one expert",
+                )
+                say(
+                    f"5. committed tiny-mixtral@{c.manifest.version} changing {key}: "
+                    f"{c.blobs_written} blob, {c.bytes_written / 1024:.1f} KiB written"
+                )
                 try:
                     client.commit("tiny-mixtral", manifest.version, {key: updated})
-                except Exception as e:  # noqa: BLE001 - shown to the user as is
-                    say(f"6. a second commit on the stale parent was refused: "
-                        f"{type(e).__name__}")
-                prev, head = client.rollback("tiny-mixtral", manifest.version,
-                                             message="demo rollback")
+                except Exception as e:
+                    say(
+                        f"6. a second commit on the stale parent was refused: "
+                        f"{type(e).__name__}"
+                    )
+                prev, head = client.rollback(
+                    "tiny-mixtral", manifest.version, message="demo rollback"
+                )
                 say(f"7. rolled back HEAD {prev} -> {head}")
 
             out = export_checkpoint(Store(store), "tiny-mixtral", work / "exported")
-            again = AutoModelForCausalLM.from_pretrained(out).eval()
+            again = AutoModelForCausalLM.from_pretrained(out).eval()  # type: ignore[no-untyped-call]
             ids = torch.randint(0, cfg.vocab_size, (1, 32))
             with torch.no_grad():
                 same = torch.equal(model(ids).logits, again(ids).logits)
-            say(f"8. exported HEAD to a Hugging Face folder; reloaded logits "
-                f"{'are identical' if same else 'DIFFER'} to the original")
+            say(
+                f"8. exported HEAD to a Hugging Face folder; reloaded logits "
+                f"{'are identical' if same else 'DIFFER'} to the original"
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)

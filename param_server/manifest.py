@@ -133,7 +133,10 @@ class Manifest:
                     s["size"],
                     tuple(
                         TensorInfo(
-                            t["name"], t["dtype"], tuple(t["shape"]), t.get("stacked", False)
+                            t["name"],
+                            t["dtype"],
+                            tuple(t["shape"]),
+                            t.get("stacked", False),
                         )
                         for t in s["tensors"]
                     ),
@@ -165,7 +168,10 @@ class Manifest:
                     size=s.size,
                     tensors=[
                         pb.TensorInfo(
-                            name=t.name, dtype=t.dtype, shape=list(t.shape), stacked=t.stacked
+                            name=t.name,
+                            dtype=t.dtype,
+                            shape=list(t.shape),
+                            stacked=t.stacked,
                         )
                         for t in s.tensors
                     ],

@@ -119,8 +119,10 @@ def parse_header(prefix: bytes | memoryview, total_size: int, source: str) -> He
             raise _bad(f"tensor name of length {len(name)} is not allowed", source)
         if not isinstance(info, dict):
             raise _bad(f"entry for tensor {name!r} is not an object", source)
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get(
-            "data_offsets"
+        dtype, shape, offsets = (
+            info.get("dtype"),
+            info.get("shape"),
+            info.get("data_offsets"),
         )
         if dtype not in DTYPE_SIZES:
             raise _bad(f"tensor {name!r} has unknown dtype {dtype!r}", source)
@@ -151,7 +153,9 @@ def parse_header(prefix: bytes | memoryview, total_size: int, source: str) -> He
     cursor = 0
     for s in specs:
         if s.begin != cursor:
-            what = "overlaps the previous tensor" if s.begin < cursor else "leaves a gap"
+            what = (
+                "overlaps the previous tensor" if s.begin < cursor else "leaves a gap"
+            )
             raise _bad(f"tensor {s.name!r} at offset {s.begin} {what}", source)
         cursor = s.end
     if cursor != data_len:

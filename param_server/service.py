@@ -1,4 +1,4 @@
-"""The gRPC service: thin servicer methods over the store, errors mapped in one table."""
+"""The gRPC service: thin servicers over the store, errors mapped in one table."""
 
 from __future__ import annotations
 
@@ -52,8 +52,11 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 def status_for(e: ParamServerError) -> grpc.StatusCode:
     """The gRPC status code for one of our errors."""
     if isinstance(e, StoreIOError):
-        return (grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno in _FULL
-                else grpc.StatusCode.INTERNAL)
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if e.errno in _FULL
+            else grpc.StatusCode.INTERNAL
+        )
     for cls, code in _STATUS:
         if isinstance(e, cls):
             return code
@@ -79,11 +82,14 @@ class ServerConfig:
         if self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
         if self.max_commit_bytes < 1:
-            raise ValueError(f"max_commit_bytes must be >= 1, got {self.max_commit_bytes}")
+            raise ValueError(
+                f"max_commit_bytes must be >= 1, got {self.max_commit_bytes}"
+            )
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(
-                f"listen address {self.listen!r} is not host:port (e.g. 127.0.0.1:50051)"
+                f"listen address {self.listen!r} is not host:port "
+                "(e.g. 127.0.0.1:50051)"
             )
 
 
@@ -130,8 +136,12 @@ def parse_bytes_field(msg: bytes, field_number: int) -> memoryview | None:
 
 def _abort(context: grpc.ServicerContext, e: ParamServerError) -> None:
     code = status_for(e)
-    logger.log(logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
-               "%s: %s", code.name, e)
+    logger.log(
+        logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO,
+        "%s: %s",
+        code.name,
+        e,
+    )
     context.abort(code, str(e))
 
 
@@ -166,31 +176,44 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         self.config = config
 
     @_unary
-    def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=self.store.list_models())
 
     @_unary
     def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.Manifest:
-        return self.store.get_manifest(request.model, request.version or None).to_proto()
+        return self.store.get_manifest(
+            request.model, request.version or None
+        ).to_proto()
 
     @_unary
-    def ListVersions(self, request: pb.ListVersionsRequest,
-                     context: Any) -> pb.ListVersionsResponse:
+    def ListVersions(
+        self, request: pb.ListVersionsRequest, context: Any
+    ) -> pb.ListVersionsResponse:
         st = self.store.state(request.model)
         return pb.ListVersionsResponse(
             model=request.model,
             head=st.head,
             versions=[
-                pb.VersionInfo(version=v.version, parent=v.parent, created_at=v.created_at,
-                               author=v.author, message=v.message, pinned=v.pinned,
-                               head=v.head, num_changed=v.num_changed)
+                pb.VersionInfo(
+                    version=v.version,
+                    parent=v.parent,
+                    created_at=v.created_at,
+                    author=v.author,
+                    message=v.message,
+                    pinned=v.pinned,
+                    head=v.head,
+                    num_changed=v.num_changed,
+                )
                 for v in self.store.list_versions(request.model)
             ],
         )
 
     @_streaming
-    def FetchShards(self, request: pb.FetchShardsRequest,
-                    context: Any) -> Iterator[bytes]:
+    def FetchShards(
+        self, request: pb.FetchShardsRequest, context: Any
+    ) -> Iterator[bytes]:
         """Yields serialised FetchChunk messages (see create_server for why)."""
         m = self.store.get_manifest(request.model, request.version or None)
         wanted: list[tuple[str, str, int, bool]] = []
@@ -211,15 +234,22 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             wanted.append((name, f.digest, f.size, True))
         for key, digest, size, is_file in wanted:
             path = self.store.verify_blob(digest)  # never serve corrupt bytes
-            yield pb.FetchChunk(header=pb.BlobHeader(
-                key=key, digest=digest, size=size, is_file=is_file,
-                version=m.version)).SerializeToString()
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK_BYTES):
+            yield pb.FetchChunk(
+                header=pb.BlobHeader(
+                    key=key,
+                    digest=digest,
+                    size=size,
+                    is_file=is_file,
+                    version=m.version,
+                )
+            ).SerializeToString()
+            with open(path, "rb") as blob:
+                while chunk := blob.read(CHUNK_BYTES):
                     yield frame_bytes_field(FETCH_DATA_FIELD, chunk)
 
-    def Commit(self, request_iterator: Iterator[pb.CommitRequest],
-               context: Any) -> pb.CommitResponse:
+    def Commit(
+        self, request_iterator: Iterator[pb.CommitRequest], context: Any
+    ) -> pb.CommitResponse:
         try:
             return self._commit(request_iterator)
         except ParamServerError as e:
@@ -255,52 +285,81 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
                             f"commit exceeds the server's limit of "
                             f"{self.config.max_commit_bytes} bytes"
                         )
-                    writer = staging.writer(b.key, b.size, is_file=b.is_file,
-                                            expected_digest=b.digest or None)
+                    writer = staging.writer(
+                        b.key,
+                        b.size,
+                        is_file=b.is_file,
+                        expected_digest=b.digest or None,
+                    )
                 elif kind == "data":
                     if writer is None:
                         raise InvalidInputError("data chunk before any UploadBegin")
                     writer.write(req.data)
                 else:
-                    raise InvalidInputError(f"unexpected {kind or 'empty'} message in a commit")
+                    raise InvalidInputError(
+                        f"unexpected {kind or 'empty'} message in a commit"
+                    )
             if writer is not None:
                 writer.finish()
             result = self.store.commit(
-                h.model, h.parent_version, staging, remove=list(h.remove_shards),
-                author=h.author, message=h.message, metadata=metadata,
+                h.model,
+                h.parent_version,
+                staging,
+                remove=list(h.remove_shards),
+                author=h.author,
+                message=h.message,
+                metadata=metadata,
                 allow_schema_change=h.allow_schema_change,
             )
-        return pb.CommitResponse(manifest=result.manifest.to_proto(),
-                                 blobs_written=result.blobs_written,
-                                 bytes_written=result.bytes_written)
+        return pb.CommitResponse(
+            manifest=result.manifest.to_proto(),
+            blobs_written=result.blobs_written,
+            bytes_written=result.bytes_written,
+        )
 
     @_unary
-    def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.RollbackResponse:
-        prev, head = self.store.rollback(request.model, request.version,
-                                         author=request.author, message=request.message)
+    def Rollback(
+        self, request: pb.RollbackRequest, context: Any
+    ) -> pb.RollbackResponse:
+        prev, head = self.store.rollback(
+            request.model,
+            request.version,
+            author=request.author,
+            message=request.message,
+        )
         return pb.RollbackResponse(previous_head=prev, head=head)
 
     @_unary
     def SetPin(self, request: pb.SetPinRequest, context: Any) -> pb.SetPinResponse:
         return pb.SetPinResponse(
-            pinned=self.store.set_pin(request.model, request.version, request.pinned))
+            pinned=self.store.set_pin(request.model, request.version, request.pinned)
+        )
 
     @_unary
-    def CollectGarbage(self, request: pb.CollectGarbageRequest,
-                       context: Any) -> pb.CollectGarbageResponse:
+    def CollectGarbage(
+        self, request: pb.CollectGarbageRequest, context: Any
+    ) -> pb.CollectGarbageResponse:
         r = self.store.gc(request.keep_last or 10, dry_run=request.dry_run)
         return pb.CollectGarbageResponse(
             dropped_versions=[f"{m}@{v}" for m, v in r.dropped_versions],
-            blobs_deleted=r.blobs_deleted, bytes_freed=r.bytes_freed)
+            blobs_deleted=r.blobs_deleted,
+            bytes_freed=r.bytes_freed,
+        )
 
     @_unary
-    def GetStoreInfo(self, request: pb.GetStoreInfoRequest, context: Any) -> pb.StoreInfo:
-        return pb.StoreInfo(store_id=self.store.store_id,
-                            blob_root=str(self.store.blob_root),
-                            hostname=socket.gethostname())
+    def GetStoreInfo(
+        self, request: pb.GetStoreInfoRequest, context: Any
+    ) -> pb.StoreInfo:
+        return pb.StoreInfo(
+            store_id=self.store.store_id,
+            blob_root=str(self.store.blob_root),
+            hostname=socket.gethostname(),
+        )
 
 
-def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+def create_server(
+    config: ServerConfig,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds the server (not started) and binds it; returns (server, port, health).
 
     Raises:
@@ -308,31 +367,41 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     """
     store = Store(config.store)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers,
-                                   thread_name_prefix="param-server"),
+        futures.ThreadPoolExecutor(
+            max_workers=config.max_workers, thread_name_prefix="param-server"
+        ),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
     servicer = ParamServerServicer(store, config)
-    pb_grpc.add_ParamServerServicer_to_server(servicer, server)
+    pb_grpc.add_ParamServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     # FetchShards yields pre-serialised messages: replace the generated handler
     # (registered handlers are a dict, so this one wins) with one whose
     # serializer passes the bytes through.
-    server.add_registered_method_handlers(SERVICE_NAME, {
-        "FetchShards": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchShards,
-            request_deserializer=pb.FetchShardsRequest.FromString,
-            response_serializer=None),
-    })
+    server.add_registered_method_handlers(
+        SERVICE_NAME,
+        {
+            "FetchShards": grpc.unary_stream_rpc_method_handler(
+                servicer.FetchShards,
+                request_deserializer=pb.FetchShardsRequest.FromString,
+                response_serializer=None,
+            ),
+        },
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as e:
@@ -342,7 +411,9 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     return server, port, health_servicer
 
 
-def serve(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None) -> None:
+def serve(
+    config: ServerConfig, *, on_ready: Callable[[int], None] | None = None
+) -> None:
     """Runs the daemon until SIGTERM or SIGINT, then drains for the grace period."""
     server, port, health_servicer = create_server(config)
     server.start()
@@ -353,8 +424,11 @@ def serve(config: ServerConfig, *, on_ready: Callable[[int], None] | None = None
     stopping = threading.Event()
 
     def _stop(signum: int, frame: object) -> None:
-        logger.info("received %s, draining for up to %.0fs",
-                    signal.Signals(signum).name, config.grace_seconds)
+        logger.info(
+            "received %s, draining for up to %.0fs",
+            signal.Signals(signum).name,
+            config.grace_seconds,
+        )
         stopping.set()
 
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}

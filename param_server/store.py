@@ -44,8 +44,19 @@ from param_server.errors import (
     StaleParentError,
     StoreIOError,
 )
-from param_server.manifest import FileEntry, Manifest, ShardEntry, TensorInfo, VersionInfo
-from param_server.names import check_digest, check_file_name, check_model_name, check_shard_key
+from param_server.manifest import (
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    TensorInfo,
+    VersionInfo,
+)
+from param_server.names import (
+    check_digest,
+    check_file_name,
+    check_model_name,
+    check_shard_key,
+)
 from param_server.safetensors_format import Header, read_header
 
 logger = logging.getLogger(__name__)
@@ -140,7 +151,11 @@ class ModelState:
     def from_json(cls, data: bytes) -> ModelState:
         d = json.loads(data)
         return cls(
-            d["head"], d["seq"], tuple(d["versions"]), tuple(d["pinned"]), d["next_version"]
+            d["head"],
+            d["seq"],
+            tuple(d["versions"]),
+            tuple(d["pinned"]),
+            d["next_version"],
         )
 
 
@@ -160,8 +175,15 @@ class StagedBlob:
 class BlobWriter:
     """Receives one blob's bytes in chunks, hashing them as they arrive."""
 
-    def __init__(self, staging: Staging, key: str, size: int, is_file: bool,
-                 expected_digest: str | None, stacked: frozenset[str]) -> None:
+    def __init__(
+        self,
+        staging: Staging,
+        key: str,
+        size: int,
+        is_file: bool,
+        expected_digest: str | None,
+        stacked: frozenset[str],
+    ) -> None:
         self._staging, self.key, self.size, self.is_file = staging, key, size, is_file
         self._expected, self._stacked = expected_digest, stacked
         self.path = staging.dir / f"{len(staging.blobs)}-{uuid.uuid4().hex}"
@@ -229,8 +251,9 @@ class BlobWriter:
                 raise InvalidInputError(
                     f"shard {self.key!r}: stacked tensor {unknown[0]!r} is not in it"
                 )
-        blob = StagedBlob(self.key, self.path, digest, self.size, self.is_file,
-                          header, self._stacked)
+        blob = StagedBlob(
+            self.key, self.path, digest, self.size, self.is_file, header, self._stacked
+        )
         self._staging._add(blob)
         return blob
 
@@ -255,22 +278,37 @@ class Staging:
     def _add(self, blob: StagedBlob) -> None:
         self.blobs[(blob.is_file, blob.key)] = blob
 
-    def writer(self, key: str, size: int, *, is_file: bool = False,
-               expected_digest: str | None = None,
-               stacked: Iterable[str] = ()) -> BlobWriter:
+    def writer(
+        self,
+        key: str,
+        size: int,
+        *,
+        is_file: bool = False,
+        expected_digest: str | None = None,
+        stacked: Iterable[str] = (),
+    ) -> BlobWriter:
         """Starts a blob received in chunks (a streamed upload)."""
         (check_file_name if is_file else check_shard_key)(key)
         if (is_file, key) in self.blobs:
-            raise InvalidInputError(f"{'file' if is_file else 'shard'} {key!r} sent twice")
+            raise InvalidInputError(
+                f"{'file' if is_file else 'shard'} {key!r} sent twice"
+            )
         if size < 0:
             raise InvalidInputError(f"{key!r}: negative size {size}")
         if expected_digest:
             check_digest(expected_digest)
-        return BlobWriter(self, key, size, is_file, expected_digest or None,
-                          frozenset(stacked))
+        return BlobWriter(
+            self, key, size, is_file, expected_digest or None, frozenset(stacked)
+        )
 
-    def add(self, key: str, data: bytes | memoryview, *, is_file: bool = False,
-            stacked: Iterable[str] = ()) -> StagedBlob:
+    def add(
+        self,
+        key: str,
+        data: bytes | memoryview,
+        *,
+        is_file: bool = False,
+        stacked: Iterable[str] = (),
+    ) -> StagedBlob:
         """Stages one whole blob (a shard's safetensors bytes, or a file)."""
         w = self.writer(key, len(data), is_file=is_file, stacked=stacked)
         w.write(data)
@@ -348,14 +386,16 @@ class Store:
             if self._lock_depth == 0:
                 if self._lock_fd is None:
                     with _io_errors("open the store lock", self._lock_path):
-                        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                        self._lock_fd = os.open(
+                            self._lock_path, os.O_RDWR | os.O_CREAT, 0o644
+                        )
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             self._lock_depth += 1
             try:
                 yield
             finally:
                 self._lock_depth -= 1
-                if self._lock_depth == 0:
+                if self._lock_depth == 0 and self._lock_fd is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
@@ -421,7 +461,9 @@ class Store:
         try:
             m = Manifest.from_json(path.read_bytes())
         except FileNotFoundError:
-            raise NotFoundError(f"model {model!r} version {v} was garbage-collected") from None
+            raise NotFoundError(
+                f"model {model!r} version {v} was garbage-collected"
+            ) from None
         self._manifests[(model, v)] = m
         return m
 
@@ -434,16 +476,28 @@ class Store:
                 m = self.get_manifest(model, v)
             except NotFoundError:
                 continue  # collected between reading HEAD and the manifest
-            out.append(VersionInfo(v, m.parent, m.created_at, m.author, m.message,
-                                   v in st.pinned, v == st.head, len(m.changed)))
+            out.append(
+                VersionInfo(
+                    v,
+                    m.parent,
+                    m.created_at,
+                    m.author,
+                    m.message,
+                    v in st.pinned,
+                    v == st.head,
+                    len(m.changed),
+                )
+            )
         return out
 
     def history(self, model: str) -> list[dict[str, Any]]:
         """Every acknowledged HEAD move (commits, rollbacks, pins, GC), oldest first."""
         st = self.state(model)
         hist = self._model_dir(model) / "history"
-        return [json.loads((hist / f"{s:012d}.json").read_bytes())
-                for s in range(1, st.seq + 1)]
+        return [
+            json.loads((hist / f"{s:012d}.json").read_bytes())
+            for s in range(1, st.seq + 1)
+        ]
 
     def verify_blob(self, digest: str) -> Path:
         """Checks a blob's bytes against its digest; returns its path.
@@ -526,7 +580,9 @@ class Store:
         files = dict(base.files) if base else {}
         for k in remove:
             if k not in shards:
-                raise NotFoundError(f"model {model!r} version {parent} has no shard {k!r}")
+                raise NotFoundError(
+                    f"model {model!r} version {parent} has no shard {k!r}"
+                )
             if not allow_schema_change:
                 raise SchemaMismatchError(
                     f"removing shard {k!r} changes the model's schema; pass "
@@ -561,9 +617,16 @@ class Store:
             st = self._state_or_none(model)
             version = st.next_version if st else 1
             manifest = Manifest(
-                model=model, version=version, parent=parent, created_at=utc_now(),
-                author=author, message=message, metadata=meta, shards=shards,
-                files=files, changed=tuple(changed),
+                model=model,
+                version=version,
+                parent=parent,
+                created_at=utc_now(),
+                author=author,
+                message=message,
+                metadata=meta,
+                shards=shards,
+                files=files,
+                changed=tuple(changed),
             )
             new = ModelState(
                 head=version,
@@ -572,10 +635,17 @@ class Store:
                 pinned=st.pinned if st else (),
                 next_version=version + 1,
             )
-            record = self._record(new, {
-                "action": "commit", "version": version, "parent": parent,
-                "author": author, "message": message, "changed": len(changed),
-            })
+            record = self._record(
+                new,
+                {
+                    "action": "commit",
+                    "version": version,
+                    "parent": parent,
+                    "author": author,
+                    "message": message,
+                    "changed": len(changed),
+                },
+            )
             with _io_errors("write the manifest", mdir):
                 (mdir / "manifests").mkdir(parents=True, exist_ok=True)
                 (mdir / "history").mkdir(exist_ok=True)
@@ -584,9 +654,13 @@ class Store:
             # instead of several); HEAD is written only after all of them.
             pool = self._io_pool()
             install = pool.submit(self._install_blobs, staging)
-            writes = [pool.submit(self._write_invisible, path, data) for path, data in (
-                (mdir / "manifests" / f"{version}.json", manifest.to_json()),
-                (mdir / "history" / f"{new.seq:012d}.json", record))]
+            writes = [
+                pool.submit(self._write_invisible, path, data)
+                for path, data in (
+                    (mdir / "manifests" / f"{version}.json", manifest.to_json()),
+                    (mdir / "history" / f"{new.seq:012d}.json", record),
+                )
+            ]
             written, nbytes = install.result()
             for w in writes:
                 w.result()
@@ -595,8 +669,15 @@ class Store:
                     _fsync_dir(d)
                 _atomic_write(mdir / "HEAD", new.to_json())
             self._manifests[(model, version)] = manifest
-        logger.info("committed %s@%d (parent %d): %d changed shards, %d new blobs, %d bytes",
-                    model, version, parent, len(changed), written, nbytes)
+        logger.info(
+            "committed %s@%d (parent %d): %d changed shards, %d new blobs, %d bytes",
+            model,
+            version,
+            parent,
+            len(changed),
+            written,
+            nbytes,
+        )
         return CommitResult(manifest, written, nbytes)
 
     def _state_or_none(self, model: str) -> ModelState | None:
@@ -644,8 +725,9 @@ class Store:
     def _io_pool(self) -> ThreadPoolExecutor:
         with self._thread_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=4,
-                                                thread_name_prefix="store-io")
+                self._pool = ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="store-io"
+                )
             return self._pool
 
     @staticmethod
@@ -663,12 +745,14 @@ class Store:
         mdir = self._model_dir(model)
         with _io_errors("move HEAD", mdir):
             (mdir / "history").mkdir(parents=True, exist_ok=True)
-            _atomic_write(mdir / "history" / f"{new.seq:012d}.json",
-                          self._record(new, record))
+            _atomic_write(
+                mdir / "history" / f"{new.seq:012d}.json", self._record(new, record)
+            )
             _atomic_write(mdir / "HEAD", new.to_json())
 
-    def rollback(self, model: str, version: int, *, author: str = "",
-                 message: str = "") -> tuple[int, int]:
+    def rollback(
+        self, model: str, version: int, *, author: str = "", message: str = ""
+    ) -> tuple[int, int]:
         """Moves HEAD to an existing live version; returns (previous, new) HEAD.
 
         Later commits are based on the new HEAD; the versions after it stay
@@ -684,11 +768,19 @@ class Store:
                     f"cannot roll {model!r} back to version {version}: live versions "
                     f"are {_ranges(st.versions)}"
                 )
-            self._move_head(model, ModelState(version, st.seq + 1, st.versions,
-                                              st.pinned, st.next_version), {
-                "action": "rollback", "version": version, "from": st.head,
-                "author": author, "message": message,
-            })
+            self._move_head(
+                model,
+                ModelState(
+                    version, st.seq + 1, st.versions, st.pinned, st.next_version
+                ),
+                {
+                    "action": "rollback",
+                    "version": version,
+                    "from": st.head,
+                    "author": author,
+                    "message": message,
+                },
+            )
         logger.info("rolled %s back from %d to %d", model, st.head, version)
         return st.head, version
 
@@ -700,10 +792,12 @@ class Store:
                 raise NotFoundError(f"model {model!r} has no live version {version}")
             pins = set(st.pinned)
             pins.add(version) if pinned else pins.discard(version)
-            new = ModelState(st.head, st.seq + 1, st.versions, tuple(sorted(pins)),
-                             st.next_version)
-            self._move_head(model, new, {"action": "pin" if pinned else "unpin",
-                                         "version": version})
+            new = ModelState(
+                st.head, st.seq + 1, st.versions, tuple(sorted(pins)), st.next_version
+            )
+            self._move_head(
+                model, new, {"action": "pin" if pinned else "unpin", "version": version}
+            )
         return new.pinned
 
     def gc(self, keep_last: int = 10, *, dry_run: bool = False) -> GcResult:
@@ -724,16 +818,20 @@ class Store:
                 result.dropped_versions += [(model, v) for v in drop]
                 if dry_run or not drop:
                     continue
-                new = ModelState(st.head, st.seq + 1,
-                                 tuple(v for v in st.versions if v in keep),
-                                 st.pinned, st.next_version)
+                new = ModelState(
+                    st.head,
+                    st.seq + 1,
+                    tuple(v for v in st.versions if v in keep),
+                    st.pinned,
+                    st.next_version,
+                )
                 self._move_head(model, new, {"action": "gc", "dropped": drop})
                 mdir = self._model_dir(model) / "manifests"
                 for f in mdir.iterdir():  # dropped ones and orphans of crashes
-                    v = f.stem
-                    if not (v.isdigit() and int(v) in keep):
+                    number = int(f.stem) if f.stem.isdigit() else None
+                    if number not in keep:
                         f.unlink(missing_ok=True)
-                        self._manifests.pop((model, int(v)) if v.isdigit() else ("", 0), None)
+                        self._manifests.pop((model, number or 0), None)
             for sub in self.blob_root.iterdir():
                 for blob in sub.iterdir():
                     if blob.name not in referenced:
@@ -743,9 +841,13 @@ class Store:
                             blob.unlink()
             if not dry_run:
                 self._clean_staging()
-        logger.info("gc: dropped %d versions, %d blobs, %d bytes%s",
-                    len(result.dropped_versions), result.blobs_deleted,
-                    result.bytes_freed, " (dry run)" if dry_run else "")
+        logger.info(
+            "gc: dropped %d versions, %d blobs, %d bytes%s",
+            len(result.dropped_versions),
+            result.blobs_deleted,
+            result.bytes_freed,
+            " (dry run)" if dry_run else "",
+        )
         return result
 
     def _clean_staging(self) -> None:
@@ -786,8 +888,9 @@ class Store:
         return problems
 
 
-def _check_schema(model: str, key: str, prev: ShardEntry | None,
-                  tensors: tuple[TensorInfo, ...]) -> None:
+def _check_schema(
+    model: str, key: str, prev: ShardEntry | None, tensors: tuple[TensorInfo, ...]
+) -> None:
     if prev is None:
         raise SchemaMismatchError(
             f"model {model!r}: shard {key!r} does not exist in the parent version; "
@@ -815,12 +918,11 @@ def _ranges(versions: Iterable[int]) -> str:
     vs = sorted(versions)
     if not vs:
         return "none"
-    parts, start, prev = [], vs[0], vs[0]
-    for v in vs[1:] + [None]:  # type: ignore[list-item]
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
+    runs: list[list[int]] = []
+    for v in vs:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in runs]
     return ", ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Mapping
 
 import torch
@@ -40,8 +41,11 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return _st_save({k: v.detach().contiguous() for k, v in tensors.items()})
 
 
-def decode(buf: bytes | bytearray | memoryview, source: str = "blob",
-           header: Header | None = None) -> dict[str, torch.Tensor]:
+def decode(
+    buf: bytes | bytearray | memoryview | mmap.mmap,
+    source: str = "blob",
+    header: Header | None = None,
+) -> dict[str, torch.Tensor]:
     """Tensors viewing `buf` directly (zero-copy); the caller keeps `buf` alive.
 
     A read-only `buf` (bytes) is copied once, since torch tensors must be
@@ -59,8 +63,9 @@ def decode(buf: bytes | bytearray | memoryview, source: str = "blob",
         if n == 0:
             out[t.name] = torch.empty(t.shape, dtype=dtype)
             continue
-        raw = torch.frombuffer(mv, dtype=torch.uint8, count=n,
-                               offset=header.data_start + t.begin)
+        raw = torch.frombuffer(
+            mv, dtype=torch.uint8, count=n, offset=header.data_start + t.begin
+        )
         try:
             out[t.name] = raw.view(dtype).view(t.shape)
         except RuntimeError:  # offset not aligned for this dtype: copy once

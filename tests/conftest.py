@@ -18,10 +18,18 @@ def _mixtral(dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=64, dtype=dtype)
+    cfg = MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        dtype=dtype,
+    )
     return MixtralForCausalLM(cfg).to(dtype).eval()
 
 
@@ -29,11 +37,20 @@ def _qwen3_moe(dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-d
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(1)
-    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                         moe_intermediate_size=16, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                         num_experts_per_tok=2, head_dim=8, max_position_embeddings=64,
-                         dtype=dtype)
+    cfg = Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        dtype=dtype,
+    )
     return Qwen3MoeForCausalLM(cfg).to(dtype).eval()
 
 
@@ -72,7 +89,9 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    srv, port, _ = create_server(ServerConfig(store=tmp_path / "store", listen="127.0.0.1:0"))
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "store", listen="127.0.0.1:0")
+    )
     srv.start()
     try:
         yield Server(f"127.0.0.1:{port}", tmp_path / "store", srv)

@@ -10,7 +10,11 @@ def raw_safetensors(tensors: dict[str, bytes], dtype: str = "U8") -> bytes:
     """A valid safetensors file of 1-D tensors with the given raw bytes."""
     header, offset = {}, 0
     for name, data in tensors.items():
-        header[name] = {"dtype": dtype, "shape": [len(data)], "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": [len(data)],
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)

@@ -45,7 +45,9 @@ def main(root: str, seed: int) -> None:
                 for k in rng.sample(KEYS, rng.randint(1, 3)):
                     s.add(k, shard(rng))
                 try:
-                    head = store.commit("m", st.head, s, message=f"seed {seed}").manifest.version
+                    head = store.commit(
+                        "m", st.head, s, message=f"seed {seed}"
+                    ).manifest.version
                 except StaleParentError:
                     continue
         elif op < 0.93:

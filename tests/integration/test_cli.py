@@ -17,12 +17,26 @@ from loaders.client import ParamClient
 from tests.conftest import Checkpoint
 
 pytestmark = pytest.mark.integration
-COMMANDS = ["serve", "import", "export", "versions", "rollback", "pin", "gc", "fsck", "demo"]
+COMMANDS = [
+    "serve",
+    "import",
+    "export",
+    "versions",
+    "rollback",
+    "pin",
+    "gc",
+    "fsck",
+    "demo",
+]
 
 
 def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([sys.executable, "-m", "param_server.cli", "--log-level", "warning",
-                        *args], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "param_server.cli", "--log-level", "warning", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}: {p.stderr}")
     return p
@@ -40,9 +54,22 @@ def test_help_everywhere(command: str | None) -> None:
 def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     store = tmp_path / "store"
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "param_server.cli", "serve", "--store",
-                             str(store), "--listen", "127.0.0.1:0", "--port-file",
-                             str(port_file)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "param_server.cli",
+            "serve",
+            "--store",
+            str(store),
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(port_file),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not port_file.exists():
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -56,8 +83,9 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
             proc.wait()
 
 
-def test_serve_stops_gracefully_on_sigterm(daemon: tuple[subprocess.Popen[str], str, Path]
-                                           ) -> None:
+def test_serve_stops_gracefully_on_sigterm(
+    daemon: tuple[subprocess.Popen[str], str, Path],
+) -> None:
     proc, target, _ = daemon
     with ParamClient(target) as c:
         assert c.list_models() == []
@@ -72,7 +100,9 @@ def test_serve_on_a_busy_port_exits_with_its_own_status(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = cli("serve", "--store", str(tmp_path / "s"), "--listen", f"127.0.0.1:{port}")
+        p = cli(
+            "serve", "--store", str(tmp_path / "s"), "--listen", f"127.0.0.1:{port}"
+        )
     assert p.returncode == 10, p.stderr
     assert "cannot listen on" in p.stderr
 
@@ -83,22 +113,52 @@ def test_bad_listen_address_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_admin_flow_offline_and_through_the_daemon(
-        daemon: tuple[subprocess.Popen[str], str, Path],
-        checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    daemon: tuple[subprocess.Popen[str], str, Path],
+    checkpoints: dict[str, Checkpoint],
+    tmp_path: Path,
+) -> None:
     _, target, store = daemon
     src = checkpoints["qwen3_moe-bfloat16"].path
-    p = cli("import", str(src), "--model", "q", "--store", str(store), "--no-progress",
-            "--message", "first", check=True)
+    p = cli(
+        "import",
+        str(src),
+        "--model",
+        "q",
+        "--store",
+        str(store),
+        "--no-progress",
+        "--message",
+        "first",
+        check=True,
+    )
     assert "q@1:" in p.stdout and "new blobs" in p.stdout
-    cli("import", str(src), "--model", "q", "--store", str(store), "--no-progress", check=True)
-    rows = json.loads(cli("versions", "q", "--server", target, "--json", check=True).stdout)
+    cli(
+        "import",
+        str(src),
+        "--model",
+        "q",
+        "--store",
+        str(store),
+        "--no-progress",
+        check=True,
+    )
+    rows = json.loads(
+        cli("versions", "q", "--server", target, "--json", check=True).stdout
+    )
     assert [(r["version"], r["head"]) for r in rows] == [(1, False), (2, True)]
     assert rows[0]["message"] == "first"
-    assert "HEAD 2 -> 1" in cli("rollback", "q", "1", "--server", target, check=True).stdout
+    assert (
+        "HEAD 2 -> 1"
+        in cli("rollback", "q", "1", "--server", target, check=True).stdout
+    )
     assert "*" in cli("versions", "q", "--store", str(store), check=True).stdout
     assert "[2]" in cli("pin", "q", "2", "--store", str(store), check=True).stdout
-    assert "would drop 0 versions" in cli("gc", "--server", target, "--keep-last", "1",
-                                          "--dry-run", check=True).stdout
+    assert (
+        "would drop 0 versions"
+        in cli(
+            "gc", "--server", target, "--keep-last", "1", "--dry-run", check=True
+        ).stdout
+    )
     out = tmp_path / "exported"
     cli("export", "q", str(out), "--store", str(store), "--no-progress", check=True)
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
@@ -115,8 +175,9 @@ def test_admin_flow_offline_and_through_the_daemon(
         (["export", "ghost", "out"], 3, "unknown model"),
     ],
 )
-def test_errors_have_clear_messages_and_statuses(tmp_path: Path, args: list[str], code: int,
-                                                 message: str) -> None:
+def test_errors_have_clear_messages_and_statuses(
+    tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
     store = tmp_path / "store"
     from param_server.store import Store
 
@@ -127,8 +188,9 @@ def test_errors_have_clear_messages_and_statuses(tmp_path: Path, args: list[str]
     assert "Traceback" not in p.stderr
 
 
-def test_import_of_a_corrupt_checkpoint(checkpoints: dict[str, Checkpoint],
-                                        tmp_path: Path) -> None:
+def test_import_of_a_corrupt_checkpoint(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
     import shutil
 
     src = tmp_path / "broken"
@@ -150,4 +212,7 @@ def test_unreachable_server(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_runs_end_to_end() -> None:
     p = cli("demo", "--layers", "2", "--experts", "4", "--hidden", "64", check=True)
-    assert "logits are identical" in p.stdout and "bit-exact to the checkpoint: True" in p.stdout
+    assert (
+        "logits are identical" in p.stdout
+        and "bit-exact to the checkpoint: True" in p.stdout
+    )

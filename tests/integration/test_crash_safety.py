@@ -1,4 +1,5 @@
-"""A committing process killed with SIGKILL at random moments never corrupts the store."""
+"""A committing process killed with SIGKILL at random moments never corrupts
+the store."""
 
 from __future__ import annotations
 
@@ -19,11 +20,26 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def kill_at_random(store_dir: Path, seed: int, rng: random.Random) -> tuple[int, int | None]:
-    """Runs the child until a random moment; returns (last acked head, in-flight head)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.crash_child",
-                             str(store_dir), str(seed)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=False)
+def kill_at_random(
+    store_dir: Path, seed: int, rng: random.Random
+) -> tuple[int, int | None]:
+    """Runs the child until a random moment.
+
+    Returns (last acknowledged head, head of the operation in flight or None).
+    """
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.crash_child",
+            str(store_dir),
+            str(seed),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=False,
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     buf = b""
@@ -71,7 +87,9 @@ def check_store(store_dir: Path, acked: int, in_flight: int | None) -> None:
     st = store.state("m")
     assert st.head in st.versions, f"HEAD {st.head} is not a live version"
     allowed = {acked} | ({in_flight} if in_flight is not None else set())
-    assert st.head in allowed, f"HEAD {st.head}, acknowledged {acked}, in flight {in_flight}"
+    assert st.head in allowed, (
+        f"HEAD {st.head}, acknowledged {acked}, in flight {in_flight}"
+    )
     problems = store.fsck()  # every live manifest parses; its blobs exist and match
     assert problems == [], problems
     assert store.get_manifest("m").version == st.head

@@ -61,17 +61,22 @@ def status_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
     return e.value.code()  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("tag", ["mixtral-float32", "qwen3_moe-float32", "mixtral-bfloat16",
-                                 "qwen3_moe-bfloat16"])
+@pytest.mark.parametrize(
+    "tag",
+    ["mixtral-float32", "qwen3_moe-float32", "mixtral-bfloat16", "qwen3_moe-bfloat16"],
+)
 @pytest.mark.parametrize("streams", [1, 4])
-def test_import_then_fetch_is_bit_exact(server: Server, checkpoints: dict[str, Checkpoint],
-                                        tag: str, streams: int) -> None:
+def test_import_then_fetch_is_bit_exact(
+    server: Server, checkpoints: dict[str, Checkpoint], tag: str, streams: int
+) -> None:
     ck = checkpoints[tag]
     import_checkpoint(server.store(), ck.path, "m")
     with ParamClient(server.target, streams=streams, same_host=False) as c:
         manifest = c.get_manifest("m")
         shards = c.fetch_shards("m", list(manifest.shards), manifest=manifest)
-        assert c.stats.blobs_streamed == len(manifest.shards) and c.stats.blobs_mapped == 0
+        assert (
+            c.stats.blobs_streamed == len(manifest.shards) and c.stats.blobs_mapped == 0
+        )
     src = source_tensors(ck.path)
     got = {n: t for ts in shards.values() for n, t in ts.items()}
     assert got.keys() == src.keys()
@@ -80,7 +85,9 @@ def test_import_then_fetch_is_bit_exact(server: Server, checkpoints: dict[str, C
         assert torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
 
 
-def test_same_host_path_maps_verified_blobs(server: Server, imported: Checkpoint) -> None:
+def test_same_host_path_maps_verified_blobs(
+    server: Server, imported: Checkpoint
+) -> None:
     with ParamClient(server.target, same_host=True) as c:
         m = c.get_manifest("mx")
         keys = ["layers.0.experts.1", "layers.1.experts.3", "global"]
@@ -98,7 +105,7 @@ def test_same_host_path_maps_verified_blobs(server: Server, imported: Checkpoint
         data = bytearray(path.read_bytes())
         data[100] ^= 0xFF
         path.write_bytes(bytes(data))
-        with pytest.raises(IntegrityError, match="DATA_LOSS.*corrupt"):
+        with pytest.raises(IntegrityError, match=r"DATA_LOSS.*corrupt"):
             c.fetch_shards("mx", ["global"], manifest=m)
 
 
@@ -111,48 +118,58 @@ def test_fetch_files_and_versions(client: ParamClient, imported: Checkpoint) -> 
     assert (v.version, v.head, v.num_changed) == (1, True, len(m.shards))
 
 
-def test_commit_rollback_pin_gc_through_the_api(client: ParamClient, imported: Checkpoint,
-                                                server: Server) -> None:
+def test_commit_rollback_pin_gc_through_the_api(
+    client: ParamClient, imported: Checkpoint, server: Server
+) -> None:
     m1 = client.get_manifest("mx")
     key = "layers.1.experts.2"
     tensors = client.fetch_shards("mx", [key], manifest=m1)[key]
     new = {n: t * 2 for n, t in tensors.items()}
-    r = client.commit("mx", 1, {key: new}, author="trainer", message="double",
-                      metadata={"round": 1})
+    r = client.commit(
+        "mx", 1, {key: new}, author="trainer", message="double", metadata={"round": 1}
+    )
     assert (r.manifest.version, r.manifest.changed, r.blobs_written) == (2, (key,), 1)
     got = client.fetch_shards("mx", [key])[key]  # HEAD is now 2
     assert all(torch.equal(got[n], new[n]) for n in new)
     assert client.get_manifest("mx").metadata == {"round": 1}
-    with pytest.raises(StaleParentError, match="ABORTED.*based on version 1 but HEAD is "
-                                               "version 2"):
+    with pytest.raises(
+        StaleParentError, match=r"ABORTED.*based on version 1 but HEAD is version 2"
+    ):
         client.commit("mx", 1, {key: tensors})
     assert client.rollback("mx", 1, message="bad round") == (2, 1)
     assert client.get_manifest("mx").version == 1
     assert client.set_pin("mx", 2) == [2]
     gc = client.collect_garbage(keep_last=1)
-    assert list(gc.dropped_versions) == [] and server.store().fsck() == []
+    assert gc.dropped_versions == [] and server.store().fsck() == []
     assert client.set_pin("mx", 2, pinned=False) == []
     # The newest version (2) is kept even though HEAD was rolled back to 1.
-    assert list(client.collect_garbage(keep_last=1, dry_run=True).dropped_versions) == []
+    assert client.collect_garbage(keep_last=1, dry_run=True).dropped_versions == []
     other = "layers.0.experts.0"
     t0 = client.fetch_shards("mx", [other])[other]
     r3 = client.commit("mx", 1, {other: {n: v * 3 for n, v in t0.items()}})
     assert (r3.manifest.version, r3.manifest.parent) == (3, 1)
     gc = client.collect_garbage(keep_last=1)
     # v2's doubled expert and v1's replaced expert are unreferenced now.
-    assert list(gc.dropped_versions) == ["mx@1", "mx@2"] and gc.blobs_deleted == 2
+    assert gc.dropped_versions == [("mx", 1), ("mx", 2)] and gc.blobs_deleted == 2
     assert server.store().fsck() == []
-    assert torch.equal(client.fetch_shards("mx", [key])[key][next(iter(tensors))],
-                       tensors[next(iter(tensors))])
+    assert torch.equal(
+        client.fetch_shards("mx", [key])[key][next(iter(tensors))],
+        tensors[next(iter(tensors))],
+    )
 
 
-def test_schema_mismatch_names_the_tensor(client: ParamClient, imported: Checkpoint) -> None:
+def test_schema_mismatch_names_the_tensor(
+    client: ParamClient, imported: Checkpoint
+) -> None:
     key = "layers.0.experts.0"
     t = client.fetch_shards("mx", [key])[key]
     bad = {n: v.to(torch.bfloat16) for n, v in t.items()}
-    with pytest.raises(InvalidInputError, match=r"INVALID_ARGUMENT.*tensor "
-                       r"'model\.layers\.0\.block_sparse_moe\.experts\.0\.w\d\.weight' "
-                       r"is BF16 \[\d+, \d+\] but the parent has F32"):
+    with pytest.raises(
+        InvalidInputError,
+        match=r"INVALID_ARGUMENT.*tensor "
+        r"'model\.layers\.0\.block_sparse_moe\.experts\.0\.w\d\.weight' "
+        r"is BF16 \[\d+, \d+\] but the parent has F32",
+    ):
         client.commit("mx", 1, {key: bad})
     r = client.commit("mx", 1, {key: bad}, allow_schema_change=True)
     assert r.manifest.version == 2
@@ -167,57 +184,83 @@ def test_schema_mismatch_names_the_tensor(client: ParamClient, imported: Checkpo
         (pb.GetManifestRequest(model="a/b"), grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
-def test_manifest_errors(stub: pb_grpc.ParamServerStub, imported: Checkpoint,
-                         request_: pb.GetManifestRequest, code: grpc.StatusCode) -> None:
+def test_manifest_errors(
+    stub: pb_grpc.ParamServerStub,
+    imported: Checkpoint,
+    request_: pb.GetManifestRequest,
+    code: grpc.StatusCode,
+) -> None:
     assert status_of(lambda: stub.GetManifest(request_)) == code
 
 
 @pytest.mark.parametrize(
     ("request_", "code"),
     [
-        (pb.FetchShardsRequest(model="mx", shard_keys=["layers.9.experts.0"]),
-         grpc.StatusCode.NOT_FOUND),
-        (pb.FetchShardsRequest(model="mx", shard_keys=["../../STORE_ID"]),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        (pb.FetchShardsRequest(model="mx", file_names=["../LOCK"]), grpc.StatusCode.NOT_FOUND),
-        (pb.FetchShardsRequest(model="mx", version=7, shard_keys=["global"]),
-         grpc.StatusCode.NOT_FOUND),
-        (pb.FetchShardsRequest(model="..", shard_keys=["global"]),
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            pb.FetchShardsRequest(model="mx", shard_keys=["layers.9.experts.0"]),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            pb.FetchShardsRequest(model="mx", shard_keys=["../../STORE_ID"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            pb.FetchShardsRequest(model="mx", file_names=["../LOCK"]),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            pb.FetchShardsRequest(model="mx", version=7, shard_keys=["global"]),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            pb.FetchShardsRequest(model="..", shard_keys=["global"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ],
 )
-def test_fetch_errors(stub: pb_grpc.ParamServerStub, imported: Checkpoint,
-                      request_: pb.FetchShardsRequest, code: grpc.StatusCode) -> None:
+def test_fetch_errors(
+    stub: pb_grpc.ParamServerStub,
+    imported: Checkpoint,
+    request_: pb.FetchShardsRequest,
+    code: grpc.StatusCode,
+) -> None:
     assert status_of(lambda: stub.FetchShards(request_)) == code
 
 
-def test_corrupt_blob_is_never_served(stub: pb_grpc.ParamServerStub, server: Server,
-                                      imported: Checkpoint) -> None:
+def test_corrupt_blob_is_never_served(
+    stub: pb_grpc.ParamServerStub, server: Server, imported: Checkpoint
+) -> None:
     store = server.store()
     digest = store.get_manifest("mx").shards["layers.0.experts.2"].digest
     path = store.blob_path(digest)
     path.write_bytes(path.read_bytes()[:-1] + b"\x00")
     chunks: list[pb.FetchChunk] = []
     with pytest.raises(grpc.RpcError) as e:
-        for c in stub.FetchShards(pb.FetchShardsRequest(model="mx",
-                                                        shard_keys=["layers.0.experts.2"])):
+        for c in stub.FetchShards(
+            pb.FetchShardsRequest(model="mx", shard_keys=["layers.0.experts.2"])
+        ):
             chunks.append(c)
     assert e.value.code() == grpc.StatusCode.DATA_LOSS
     assert digest in e.value.details() and "corrupt" in e.value.details()
     assert chunks == []  # not one byte of it left the server
 
 
-def commit_stream(header: pb.CommitHeader, *blobs: tuple[str, bytes, str]
-                  ) -> Iterator[pb.CommitRequest]:
+def commit_stream(
+    header: pb.CommitHeader, *blobs: tuple[str, bytes, str]
+) -> Iterator[pb.CommitRequest]:
     yield pb.CommitRequest(header=header)
     for key, data, digest in blobs:
-        yield pb.CommitRequest(begin=pb.UploadBegin(key=key, size=len(data), digest=digest))
+        yield pb.CommitRequest(
+            begin=pb.UploadBegin(key=key, size=len(data), digest=digest)
+        )
         yield pb.CommitRequest(data=data)
 
 
 def expert0(server: Server) -> bytes:
     s = server.store()
-    return s.blob_path(s.get_manifest("mx").shards["layers.0.experts.0"].digest).read_bytes()
+    return s.blob_path(
+        s.get_manifest("mx").shards["layers.0.experts.0"].digest
+    ).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -226,10 +269,18 @@ def expert0(server: Server) -> bytes:
         ("stale", grpc.StatusCode.ABORTED, "HEAD is version 1"),
         ("bad_model", grpc.StatusCode.INVALID_ARGUMENT, "invalid model name"),
         ("bad_key", grpc.StatusCode.INVALID_ARGUMENT, "invalid shard key"),
-        ("not_safetensors", grpc.StatusCode.INVALID_ARGUMENT, "not a valid safetensors"),
+        (
+            "not_safetensors",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not a valid safetensors",
+        ),
         ("hostile_header", grpc.StatusCode.INVALID_ARGUMENT, "overlaps"),
         ("digest", grpc.StatusCode.DATA_LOSS, "the upload was corrupted"),
-        ("no_header", grpc.StatusCode.INVALID_ARGUMENT, "must start with a CommitHeader"),
+        (
+            "no_header",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "must start with a CommitHeader",
+        ),
         ("short", grpc.StatusCode.INVALID_ARGUMENT, "stream ended after"),
         ("long", grpc.StatusCode.INVALID_ARGUMENT, "more than the announced"),
         ("unknown_model", grpc.StatusCode.NOT_FOUND, "commit with parent 0"),
@@ -237,43 +288,75 @@ def expert0(server: Server) -> bytes:
         ("duplicate", grpc.StatusCode.INVALID_ARGUMENT, "sent twice"),
     ],
 )
-def test_commit_errors_commit_nothing(stub: pb_grpc.ParamServerStub, server: Server,
-                                      imported: Checkpoint, case: str,
-                                      code: grpc.StatusCode, detail: str) -> None:
+def test_commit_errors_commit_nothing(
+    stub: pb_grpc.ParamServerStub,
+    server: Server,
+    imported: Checkpoint,
+    case: str,
+    code: grpc.StatusCode,
+    detail: str,
+) -> None:
     good = expert0(server)
     digest = hashlib.sha256(good).hexdigest()
     h = pb.CommitHeader(model="mx", parent_version=1)
     key = "layers.0.experts.0"
     reqs: Iterator[pb.CommitRequest]
     if case == "stale":
-        reqs = commit_stream(pb.CommitHeader(model="mx", parent_version=0), (key, good, ""))
+        reqs = commit_stream(
+            pb.CommitHeader(model="mx", parent_version=0), (key, good, "")
+        )
     elif case == "bad_model":
-        reqs = commit_stream(pb.CommitHeader(model="../x", parent_version=0), (key, good, ""))
+        reqs = commit_stream(
+            pb.CommitHeader(model="../x", parent_version=0), (key, good, "")
+        )
     elif case == "bad_key":
         reqs = commit_stream(h, ("../../blobs/x", good, ""))
     elif case == "not_safetensors":
         reqs = commit_stream(h, (key, b"\x00" * 64, ""))
     elif case == "hostile_header":
-        reqs = commit_stream(h, (key, header_bytes({
-            "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
-            "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}, b"\0" * 6), ""))
+        reqs = commit_stream(
+            h,
+            (
+                key,
+                header_bytes(
+                    {
+                        "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                        "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]},
+                    },
+                    b"\0" * 6,
+                ),
+                "",
+            ),
+        )
     elif case == "digest":
         reqs = commit_stream(h, (key, good, "0" * 64))
     elif case == "no_header":
         reqs = iter([pb.CommitRequest(data=b"xx")])
     elif case == "short":
-        reqs = iter([pb.CommitRequest(header=h),
-                     pb.CommitRequest(begin=pb.UploadBegin(key=key, size=len(good) + 5)),
-                     pb.CommitRequest(data=good)])
+        reqs = iter(
+            [
+                pb.CommitRequest(header=h),
+                pb.CommitRequest(begin=pb.UploadBegin(key=key, size=len(good) + 5)),
+                pb.CommitRequest(data=good),
+            ]
+        )
     elif case == "long":
-        reqs = iter([pb.CommitRequest(header=h),
-                     pb.CommitRequest(begin=pb.UploadBegin(key=key, size=10)),
-                     pb.CommitRequest(data=good)])
+        reqs = iter(
+            [
+                pb.CommitRequest(header=h),
+                pb.CommitRequest(begin=pb.UploadBegin(key=key, size=10)),
+                pb.CommitRequest(data=good),
+            ]
+        )
     elif case == "unknown_model":
-        reqs = commit_stream(pb.CommitHeader(model="other", parent_version=3), (key, good, ""))
+        reqs = commit_stream(
+            pb.CommitHeader(model="other", parent_version=3), (key, good, "")
+        )
     elif case == "bad_metadata":
-        reqs = commit_stream(pb.CommitHeader(model="mx", parent_version=1,
-                                             metadata_json="{nope"), (key, good, ""))
+        reqs = commit_stream(
+            pb.CommitHeader(model="mx", parent_version=1, metadata_json="{nope"),
+            (key, good, ""),
+        )
     else:
         reqs = commit_stream(h, (key, good, digest), (key, good, digest))
     with pytest.raises(grpc.RpcError) as e:
@@ -281,7 +364,9 @@ def test_commit_errors_commit_nothing(stub: pb_grpc.ParamServerStub, server: Ser
     assert e.value.code() == code, e.value.details()
     assert detail in e.value.details()
     store = server.store()
-    assert store.head("mx") == 1 and [v.version for v in store.list_versions("mx")] == [1]
+    assert store.head("mx") == 1 and [v.version for v in store.list_versions("mx")] == [
+        1
+    ]
     assert wait_until(lambda: not any((store.root / "tmp").iterdir()))
 
 
@@ -294,14 +379,18 @@ def wait_until(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-
     return bool(cond())
 
 
-def test_stream_cut_mid_commit_commits_nothing(stub: pb_grpc.ParamServerStub, server: Server,
-                                               imported: Checkpoint) -> None:
+def test_stream_cut_mid_commit_commits_nothing(
+    stub: pb_grpc.ParamServerStub, server: Server, imported: Checkpoint
+) -> None:
     sent = threading.Event()
     payload = raw_safetensors({"w": b"x" * (3 * 1024 * 1024)})
 
     def requests() -> Iterator[pb.CommitRequest]:
-        yield pb.CommitRequest(header=pb.CommitHeader(model="mx", parent_version=1,
-                                                      allow_schema_change=True))
+        yield pb.CommitRequest(
+            header=pb.CommitHeader(
+                model="mx", parent_version=1, allow_schema_change=True
+            )
+        )
         yield pb.CommitRequest(begin=pb.UploadBegin(key="global", size=len(payload)))
         yield pb.CommitRequest(data=payload[: len(payload) // 2])
         sent.set()
@@ -310,7 +399,9 @@ def test_stream_cut_mid_commit_commits_nothing(stub: pb_grpc.ParamServerStub, se
     fut = stub.Commit.future(requests())
     assert sent.wait(10)
     store = server.store()
-    assert wait_until(lambda: any((store.root / "tmp").iterdir()))  # staging in progress
+    assert wait_until(
+        lambda: any((store.root / "tmp").iterdir())
+    )  # staging in progress
     fut.cancel()
     assert wait_until(lambda: not any((store.root / "tmp").iterdir()))
     assert store.head("mx") == 1 and store.fsck() == []
@@ -342,7 +433,9 @@ def test_client_retries_until_the_server_comes_up(tmp_path: Path) -> None:
 
     def start_later() -> None:
         time.sleep(0.5)
-        srv, _, _ = create_server(ServerConfig(store=tmp_path / "s", listen=f"127.0.0.1:{port}"))
+        srv, _, _ = create_server(
+            ServerConfig(store=tmp_path / "s", listen=f"127.0.0.1:{port}")
+        )
         srv.start()
         srv_holder.append(srv)
 
@@ -363,7 +456,9 @@ def test_unreachable_server_gives_a_clear_error() -> None:
     with ParamClient(f"127.0.0.1:{port}", retries=2, backoff=0.01, timeout=2) as c:
         with pytest.raises(UnavailableError, match="UNAVAILABLE"):
             c.list_models()
-        with pytest.raises(UnavailableError, match="did not answer within 1s; is it running"):
+        with pytest.raises(
+            UnavailableError, match="did not answer within 1s; is it running"
+        ):
             c.wait_ready(timeout=1)
 
 

@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from param_server.checkpoints import NAMING, classify, export_checkpoint, import_checkpoint
+from param_server.checkpoints import (
+    NAMING,
+    classify,
+    export_checkpoint,
+    import_checkpoint,
+)
 from param_server.errors import InvalidInputError, SchemaMismatchError
 from param_server.store import Store
 from tests.conftest import Checkpoint
@@ -20,8 +25,16 @@ from tests.conftest import Checkpoint
 @pytest.mark.parametrize(
     ("name", "key", "fused"),
     [
-        ("model.layers.3.block_sparse_moe.experts.7.w2.weight", "layers.3.experts.7", False),
-        ("model.layers.0.mlp.experts.12.gate_proj.weight", "layers.0.experts.12", False),
+        (
+            "model.layers.3.block_sparse_moe.experts.7.w2.weight",
+            "layers.3.experts.7",
+            False,
+        ),
+        (
+            "model.layers.0.mlp.experts.12.gate_proj.weight",
+            "layers.0.experts.12",
+            False,
+        ),
         ("model.layers.1.mlp.experts.0.down_proj.weight", "layers.1.experts.0", False),
         ("model.layers.2.mlp.experts.gate_up_proj", "layers.2.experts.*", True),
         ("model.layers.2.mlp.experts.down_proj", "layers.2.experts.*", True),
@@ -31,7 +44,11 @@ from tests.conftest import Checkpoint
         ("model.layers.1.mlp.shared_expert_gate.weight", "layers.1.dense", False),
         ("model.layers.4.block_sparse_moe.gate.weight", "layers.4.dense", False),
         ("model.layers.4.self_attn.q_proj.weight", "layers.4.dense", False),
-        ("model.layers.0.mlp.gate_proj.weight", "layers.0.dense", False),  # dense MLP layer
+        (
+            "model.layers.0.mlp.gate_proj.weight",
+            "layers.0.dense",
+            False,
+        ),  # dense MLP layer
         ("model.embed_tokens.weight", "global", False),
         ("model.norm.weight", "global", False),
         ("lm_head.weight", "global", False),
@@ -43,12 +60,22 @@ def test_naming_table(name: str, key: str, fused: bool) -> None:
 
 def test_table_covers_the_named_families() -> None:
     families = {t for row in NAMING for t in row.model_types}
-    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-            "deepseek_v3"} <= families
+    assert {
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+    } <= families
 
 
 def all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return {n: t for f in sorted(path.glob("*.safetensors")) for n, t in load_file(f).items()}
+    return {
+        n: t
+        for f in sorted(path.glob("*.safetensors"))
+        for n, t in load_file(f).items()
+    }
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -62,16 +89,23 @@ def load(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("tag", ["mixtral-float32", "qwen3_moe-float32",
-                                 "mixtral-bfloat16", "qwen3_moe-bfloat16"])
-def test_import_export_round_trip(checkpoints: dict[str, Checkpoint], tmp_path: Path,
-                                  tag: str) -> None:
+@pytest.mark.parametrize(
+    "tag",
+    ["mixtral-float32", "qwen3_moe-float32", "mixtral-bfloat16", "qwen3_moe-bfloat16"],
+)
+def test_import_export_round_trip(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path, tag: str
+) -> None:
     ck = checkpoints[tag]
     assert (ck.path / "model.safetensors.index.json").exists()
     store = Store(tmp_path / "store")
     m = import_checkpoint(store, ck.path, "m").manifest
     experts = [k for k in m.shards if ".experts." in k]
-    assert len(experts) == 2 * 4 and {"global", "layers.0.dense", "layers.1.dense"} <= set(m.shards)
+    assert len(experts) == 2 * 4 and {
+        "global",
+        "layers.0.dense",
+        "layers.1.dense",
+    } <= set(m.shards)
     assert "config.json" in m.files
     out = export_checkpoint(store, "m", tmp_path / "out", max_shard_bytes=30_000)
     assert (out / "model.safetensors.index.json").exists()
@@ -79,11 +113,15 @@ def test_import_export_round_trip(checkpoints: dict[str, Checkpoint], tmp_path: 
     assert src.keys() == dst.keys()
     for name in src:
         assert src[name].dtype == dst[name].dtype
-        assert torch.equal(src[name].view(torch.uint8), dst[name].view(torch.uint8)), name
+        assert torch.equal(src[name].view(torch.uint8), dst[name].view(torch.uint8)), (
+            name
+        )
     assert torch.equal(logits(load(ck.path)), logits(load(out)))
 
 
-def test_single_file_checkpoint(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+def test_single_file_checkpoint(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
     ck = checkpoints["qwen3_moe-float32"]
     src = tmp_path / "single"
     ck.model.save_pretrained(src)
@@ -96,19 +134,24 @@ def test_single_file_checkpoint(checkpoints: dict[str, Checkpoint], tmp_path: Pa
 
 
 def test_fused_checkpoint_is_split_per_expert_and_restacked(
-        checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
     """transformers 5 state dicts keep a layer's experts in [E, ...] tensors."""
     ck = checkpoints["qwen3_moe-bfloat16"]
     src = tmp_path / "fused"
-    shutil.copytree(ck.path, src, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    shutil.copytree(
+        ck.path, src, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json")
+    )
     state = {k: v.contiguous() for k, v in ck.model.state_dict().items()}
     assert "model.layers.0.mlp.experts.gate_up_proj" in state
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
     store = Store(tmp_path / "store")
     m = import_checkpoint(store, src, "f").manifest
     e3 = m.shards["layers.1.experts.3"]
-    assert {t.name for t in e3.tensors} == {"model.layers.1.mlp.experts.gate_up_proj",
-                                             "model.layers.1.mlp.experts.down_proj"}
+    assert {t.name for t in e3.tensors} == {
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    }
     assert all(t.stacked for t in e3.tensors)
     assert e3.tensors[0].shape == tuple(state[e3.tensors[0].name].shape[1:])
     out = export_checkpoint(store, "f", tmp_path / "out")
@@ -119,7 +162,8 @@ def test_fused_checkpoint_is_split_per_expert_and_restacked(
 
 
 def test_reimport_of_one_changed_expert_writes_one_blob(
-        checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
     ck = checkpoints["mixtral-float32"]
     store = Store(tmp_path / "store")
     import_checkpoint(store, ck.path, "m")
@@ -136,21 +180,29 @@ def test_reimport_of_one_changed_expert_writes_one_blob(
     assert r.blobs_written == 1
 
 
-def test_schema_change_on_reimport_is_refused(checkpoints: dict[str, Checkpoint],
-                                              tmp_path: Path) -> None:
+def test_schema_change_on_reimport_is_refused(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
     store = Store(tmp_path / "store")
     import_checkpoint(store, checkpoints["mixtral-float32"].path, "m")
-    with pytest.raises(SchemaMismatchError, match="tensor 'lm_head.weight' is BF16 \\[128, 32\\] but the parent has F32"):
+    with pytest.raises(
+        SchemaMismatchError,
+        match=r"tensor 'lm_head\.weight' is BF16 \[128, 32\] but the parent has F32",
+    ):
         import_checkpoint(store, checkpoints["mixtral-bfloat16"].path, "m")
     assert store.head("m") == 1
-    import_checkpoint(store, checkpoints["mixtral-bfloat16"].path, "m",
-                      allow_schema_change=True)
+    import_checkpoint(
+        store, checkpoints["mixtral-bfloat16"].path, "m", allow_schema_change=True
+    )
     assert store.head("m") == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_shard", "no_config"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "garbage", "missing_shard", "no_config"]
+)
 def test_broken_checkpoints_are_refused_and_nothing_is_written(
-        checkpoints: dict[str, Checkpoint], tmp_path: Path, damage: str) -> None:
+    checkpoints: dict[str, Checkpoint], tmp_path: Path, damage: str
+) -> None:
     src = tmp_path / "broken"
     shutil.copytree(checkpoints["mixtral-float32"].path, src)
     victim = sorted(src.glob("model-*.safetensors"))[1]
@@ -173,8 +225,9 @@ def test_broken_checkpoints_are_refused_and_nothing_is_written(
     assert not any(store.blob_root.iterdir())
 
 
-def test_export_refuses_non_empty_destination(checkpoints: dict[str, Checkpoint],
-                                              tmp_path: Path) -> None:
+def test_export_refuses_non_empty_destination(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
     store = Store(tmp_path / "store")
     import_checkpoint(store, checkpoints["mixtral-float32"].path, "m")
     (tmp_path / "busy").mkdir()

@@ -11,8 +11,23 @@ def test_valid_model_names(name: str) -> None:
     assert check_model_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "../etc", "a/b", "a\\b", "..", "a..b", ".hidden",
-                                  "-x", "a b", "x" * 129, "é", "a\x00b"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "../etc",
+        "a/b",
+        "a\\b",
+        "..",
+        "a..b",
+        ".hidden",
+        "-x",
+        "a b",
+        "x" * 129,
+        "é",
+        "a\x00b",
+    ],
+)
 def test_invalid_model_names(name: str) -> None:
     with pytest.raises(InvalidInputError, match="invalid model name"):
         check_model_name(name)

@@ -43,8 +43,16 @@ def store(tmp_path: Path) -> Store:
 
 @pytest.fixture
 def base(store: Store) -> Store:
-    commit(store, "m", 0, {"global": shard(b"g"), "layers.0.experts.0": shard(b"a"),
-                           "layers.0.experts.1": shard(b"b")})
+    commit(
+        store,
+        "m",
+        0,
+        {
+            "global": shard(b"g"),
+            "layers.0.experts.0": shard(b"a"),
+            "layers.0.experts.1": shard(b"b"),
+        },
+    )
     return store
 
 
@@ -76,10 +84,15 @@ def test_identical_bytes_are_stored_once(base: Store) -> None:
 
 def test_stale_parent_is_refused(base: Store) -> None:
     commit(base, "m", 1, {"global": shard(b"x")})
-    with pytest.raises(StaleParentError, match="based on version 1 but HEAD is version 2"):
+    with pytest.raises(
+        StaleParentError, match="based on version 1 but HEAD is version 2"
+    ):
         commit(base, "m", 1, {"global": shard(b"y")})
-    assert base.head("m") == 2 and base.get_manifest("m").shards["global"].digest == \
-        base.get_manifest("m", 2).shards["global"].digest
+    assert (
+        base.head("m") == 2
+        and base.get_manifest("m").shards["global"].digest
+        == base.get_manifest("m", 2).shards["global"].digest
+    )
 
 
 def test_concurrent_writers_one_wins(base: Store, tmp_path: Path) -> None:
@@ -93,7 +106,9 @@ def test_concurrent_writers_one_wins(base: Store, tmp_path: Path) -> None:
         except StaleParentError:
             results.append("stale")
 
-    threads = [threading.Thread(target=writer, args=(bytes([65 + i]),)) for i in range(8)]
+    threads = [
+        threading.Thread(target=writer, args=(bytes([65 + i]),)) for i in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -111,8 +126,11 @@ def test_new_model_needs_parent_zero(store: Store) -> None:
 
 
 def test_schema_changes_need_permission(base: Store) -> None:
-    with pytest.raises(SchemaMismatchError, match=r"tensor 'w' is U8 \[8\] but the parent "
-                                                  r"has U8 \[16\]"):
+    with pytest.raises(
+        SchemaMismatchError,
+        match=r"tensor 'w' is U8 \[8\] but the parent "
+        r"has U8 \[16\]",
+    ):
         commit(base, "m", 1, {"global": shard(b"x", n=8)})
     with pytest.raises(SchemaMismatchError, match="tensor 'v' is new"):
         commit(base, "m", 1, {"global": shard(b"x", name="v")})
@@ -121,8 +139,14 @@ def test_schema_changes_need_permission(base: Store) -> None:
     with pytest.raises(SchemaMismatchError, match="removing shard"):
         commit(base, "m", 1, {}, remove=["layers.0.experts.1"])
     assert base.head("m") == 1
-    r = commit(base, "m", 1, {"global": shard(b"x", n=8)}, allow_schema_change=True,
-               remove=["layers.0.experts.1"])
+    r = commit(
+        base,
+        "m",
+        1,
+        {"global": shard(b"x", n=8)},
+        allow_schema_change=True,
+        remove=["layers.0.experts.1"],
+    )
     assert "layers.0.experts.1" not in r.manifest.shards
     assert r.manifest.shards["global"].tensors[0].shape == (8,)
 
@@ -131,11 +155,20 @@ def test_provenance_and_files_are_recorded(store: Store) -> None:
     with store.staging() as s:
         s.add("global", shard(b"g"))
         s.add("config.json", b'{"model_type": "x"}', is_file=True)
-        r = store.commit("m", 0, s, author="alice", message="hello",
-                         metadata={"round": 3, "clients": ["a", "b"]})
+        r = store.commit(
+            "m",
+            0,
+            s,
+            author="alice",
+            message="hello",
+            metadata={"round": 3, "clients": ["a", "b"]},
+        )
     m = store.get_manifest("m", r.manifest.version)
-    assert (m.author, m.message, m.metadata) == ("alice", "hello",
-                                                 {"round": 3, "clients": ["a", "b"]})
+    assert (m.author, m.message, m.metadata) == (
+        "alice",
+        "hello",
+        {"round": 3, "clients": ["a", "b"]},
+    )
     assert m.files["config.json"].size == len(b'{"model_type": "x"}')
     assert m.created_at.endswith("Z")
 
@@ -155,15 +188,24 @@ def test_rollback_moves_head_and_is_recorded(base: Store) -> None:
     assert (r.manifest.version, r.manifest.parent) == (4, 1)
     assert [v.version for v in base.list_versions("m")] == [1, 2, 3, 4]
     actions = [(h["action"], h["version"]) for h in base.history("m")]
-    assert actions == [("commit", 1), ("commit", 2), ("commit", 3), ("rollback", 1),
-                       ("commit", 4)]
+    assert actions == [
+        ("commit", 1),
+        ("commit", 2),
+        ("commit", 3),
+        ("rollback", 1),
+        ("commit", 4),
+    ]
     with pytest.raises(NotFoundError, match="live versions are 1-4"):
         base.rollback("m", 9)
 
 
-def test_gc_keeps_last_n_pinned_and_head_and_never_referenced_blobs(base: Store) -> None:
+def test_gc_keeps_last_n_pinned_and_head_and_never_referenced_blobs(
+    base: Store,
+) -> None:
     for i in range(5):
-        commit(base, "m", base.head("m"), {"layers.0.experts.0": shard(bytes([70 + i]))})
+        commit(
+            base, "m", base.head("m"), {"layers.0.experts.0": shard(bytes([70 + i]))}
+        )
     base.set_pin("m", 2)
     base.rollback("m", 3)
     dry = base.gc(keep_last=2, dry_run=True)
@@ -189,7 +231,9 @@ def test_pins(base: Store) -> None:
 
 
 def test_unknown_model_and_version(base: Store) -> None:
-    with pytest.raises(NotFoundError, match="unknown model 'nope'; known models: \\['m'\\]"):
+    with pytest.raises(
+        NotFoundError, match="unknown model 'nope'; known models: \\['m'\\]"
+    ):
         base.get_manifest("nope")
     with pytest.raises(NotFoundError, match="has no version 5"):
         base.get_manifest("m", 5)
@@ -206,7 +250,10 @@ def test_path_tricks_are_refused(store: Store) -> None:
 
 
 def test_corrupt_shard_is_refused_before_commit(store: Store) -> None:
-    with pytest.raises(InvalidInputError, match="not a valid safetensors"), store.staging() as s:
+    with (
+        pytest.raises(InvalidInputError, match="not a valid safetensors"),
+        store.staging() as s,
+    ):
         s.add("global", shard(b"g")[:-3])
     assert store.list_models() == []
 
@@ -246,7 +293,9 @@ def test_blob_corruption_is_detected(base: Store) -> None:
     assert any("corrupt" in p for p in base.fsck())
 
 
-def test_file_size_limit_mid_commit_keeps_last_version(base: Store, tmp_path: Path) -> None:
+def test_file_size_limit_mid_commit_keeps_last_version(
+    base: Store, tmp_path: Path
+) -> None:
     """A commit hitting RLIMIT_FSIZE fails clearly; the previous version is intact."""
     script = textwrap.dedent(f"""
         import resource, signal, sys
@@ -267,10 +316,13 @@ def test_file_size_limit_mid_commit_keeps_last_version(base: Store, tmp_path: Pa
             print("ERR", e)
             sys.exit(3)
     """)
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 3, p.stderr
-    assert "file-size limit" in p.stdout and "last committed version is intact" in p.stdout
+    assert (
+        "file-size limit" in p.stdout and "last committed version is intact" in p.stdout
+    )
     fresh = Store(base.root)
     assert fresh.head("m") == 1 and fresh.fsck() == []
     assert list((base.root / "tmp").iterdir()) == []
@@ -283,8 +335,10 @@ def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A real 256 KiB tmpfs (needs root; skipped otherwise)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                       capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+        capture_output=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:
@@ -296,9 +350,16 @@ def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_full_disk_fails_clearly_and_keeps_last_version(small_fs: Path) -> None:
     store = Store(small_fs / "store")
     commit(store, "m", 0, {"global": shard(b"g")})
-    with pytest.raises(Exception, match="disk is full.*The last committed version is intact") as e:
-        commit(store, "m", 1, {"global": raw_safetensors({"w": b"x" * 512 * 1024})},
-               allow_schema_change=True)
+    with pytest.raises(
+        Exception, match=r"disk is full.*The last committed version is intact"
+    ) as e:
+        commit(
+            store,
+            "m",
+            1,
+            {"global": raw_safetensors({"w": b"x" * 512 * 1024})},
+            allow_schema_change=True,
+        )
     assert type(e.value).__name__ == "StoreIOError"
     assert store.head("m") == 1 and store.fsck() == []
     assert list((store.root / "tmp").iterdir()) == []
@@ -310,7 +371,9 @@ def test_read_only_store_refuses_writes_and_still_reads(small_fs: Path) -> None:
     store = Store(small_fs / "store")
     commit(store, "m", 0, {"global": shard(b"g")})
     store.close()  # no file open for writing, or the remount is refused as busy
-    r = subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-o", "remount,ro", str(small_fs)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot remount read-only here: {r.stderr.decode().strip()}")
     with pytest.raises(Exception, match="read-only") as e:
