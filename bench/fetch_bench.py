@@ -271,12 +271,14 @@ def commit_bench(work: Path, gib: float, repeat: int, markdown: bool) -> None:
     grpc_t, grpc_w = [], []
     try:
         with ParamClient(target) as c:
+            parent = c.get_manifest("bench").version
             for i in range(repeat):
                 data = expert(100 + i)
                 t = time.perf_counter()
-                cr = c.commit("bench", c.get_manifest("bench").version, {key: data})
+                cr = c.commit("bench", parent, {key: data})
                 grpc_t.append(time.perf_counter() - t)
                 grpc_w.append(cr.bytes_written)
+                parent = cr.manifest.version  # a committer knows its parent
     finally:
         daemon.terminate()
         daemon.wait()
