@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -245,86 +245,91 @@ def start_daemon(store: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]
 
 
 def commit_bench(work: Path, gib: float, repeat: int, markdown: bool) -> None:
-    """One changed expert of a `gib` GiB model: bytes written and time vs fsync."""
-    store, keys = build_store(work / "big", int(gib * 1024))
-    key = keys[len(keys) // 2]
-    shapes = {t.name: t.shape for t in store.get_manifest("bench").shards[key].tensors}
+    """One changed expert of a `gib` GiB model: bytes written and time vs fsync.
 
-    def expert(i: int) -> bytes:
-        return tensor_codec.encode(
-            {
-                n: torch.full(sh, float(i), dtype=torch.bfloat16)
-                for n, sh in shapes.items()
-            }
-        )
+    Each commit is timed next to a plain write+fsync of the same bytes to a
+    new file (interleaved, so both see the same disk), for a small expert and
+    a realistically sized one.
+    """
+    rows = []
+    for expert_mib in (4, 64):
+        root = work / f"big-{expert_mib}"
+        store, keys = build_store(root, int(gib * 1024), expert_mib=expert_mib)
+        key = keys[len(keys) // 2]
+        shapes = {
+            t.name: t.shape for t in store.get_manifest("bench").shards[key].tensors
+        }
+        fresh = iter(range(10**6))
 
-    local_t, local_w = [], []
-    for i in range(repeat):
-        data = expert(i)
-        t = time.perf_counter()
-        with store.staging() as s:
-            s.add(key, data)
-            r = store.commit("bench", store.head("bench"), s)
-        local_t.append(time.perf_counter() - t)
-        local_w.append(r.bytes_written)
-    daemon, target = start_daemon(work / "big", work)
-    grpc_t, grpc_w = [], []
-    try:
-        with ParamClient(target) as c:
-            parent = c.get_manifest("bench").version
-            for i in range(repeat):
-                data = expert(100 + i)
-                t = time.perf_counter()
-                cr = c.commit("bench", parent, {key: data})
-                grpc_t.append(time.perf_counter() - t)
-                grpc_w.append(cr.bytes_written)
-                parent = cr.manifest.version  # a committer knows its parent
-    finally:
-        daemon.terminate()
-        daemon.wait()
+        def expert(i: int, shapes: dict[str, tuple[int, ...]] = shapes) -> bytes:
+            return tensor_codec.encode(
+                {
+                    n: torch.full(sh, float(i), dtype=torch.bfloat16)
+                    for n, sh in shapes.items()
+                }
+            )
 
-    fresh = iter(range(10**6))
+        def write_fsync(data: bytes, fresh: Iterator[int] = fresh) -> float:
+            t = time.perf_counter()
+            with open(work / f"plain-{next(fresh)}", "wb") as f:  # new, like a blob
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return time.perf_counter() - t
 
-    def write_fsync() -> None:
-        # A new file each time, as a commit must create one.
-        with open(work / f"plain-{next(fresh)}", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    base = timed(write_fsync, repeat)
-    model_bytes = store.get_manifest("bench").total_bytes
-    rows = [
-        (
-            "Store.commit (in process)",
-            statistics.median(local_t),
-            statistics.median(local_w),
-        ),
-        (
-            "ParamClient.commit (gRPC to the daemon)",
-            statistics.median(grpc_t),
-            statistics.median(grpc_w),
-        ),
-    ]
+        local: list[tuple[float, float, int]] = []
+        for i in range(repeat):
+            data = expert(i)
+            base = write_fsync(data)
+            t = time.perf_counter()
+            with store.staging() as s:
+                s.add(key, data)
+                r = store.commit("bench", store.head("bench"), s)
+            local.append((time.perf_counter() - t, base, r.bytes_written))
+        daemon, target = start_daemon(root, work)
+        remote: list[tuple[float, float, int]] = []
+        try:
+            with ParamClient(target) as c:
+                parent = c.get_manifest("bench").version
+                for i in range(repeat):
+                    data = expert(100 + i)
+                    base = write_fsync(data)
+                    t = time.perf_counter()
+                    cr = c.commit("bench", parent, {key: data})
+                    remote.append((time.perf_counter() - t, base, cr.bytes_written))
+                    parent = cr.manifest.version  # a committer knows its parent
+        finally:
+            daemon.terminate()
+            daemon.wait()
+        model_bytes = store.get_manifest("bench").total_bytes
+        for name, runs in (
+            ("Store.commit (in process)", local),
+            ("ParamClient.commit (gRPC to the daemon)", remote),
+        ):
+            t = statistics.median(r[0] for r in runs)
+            b = statistics.median(r[1] for r in runs)
+            w = statistics.median(r[2] for r in runs)
+            rows.append((f"{expert_mib} MiB expert, {name}", model_bytes, w, t, b))
     print(
-        f"\ncommit of 1 changed expert ({len(data) / 2**20:.2f} MiB) in a "
-        f"{model_bytes / 2**30:.2f} GiB model, median of {repeat}; "
-        f"write+fsync of the same bytes to a new file: {base * 1000:.1f} ms"
+        f"\ncommit of one changed expert, median of {repeat}, each next to a "
+        "write+fsync of the same bytes to a new file"
     )
-    for name, t, w in rows:
+    for name, mb, w, t, b in rows:
         print(
-            f"  {name:<42} wrote {w / 2**20:6.2f} MiB ({w / model_bytes * 100:.2f} % "
-            f"of the model) in {t * 1000:7.1f} ms = {t / base:.2f} x write+fsync"
+            f"  {name:<52} {mb / 2**30:.2f} GiB model: wrote {w / 2**20:6.2f} MiB "
+            f"({w / mb * 100:5.2f} %) in {t * 1000:7.1f} ms; write+fsync "
+            f"{b * 1000:6.1f} ms; ratio {t / b:5.2f}"
         )
     if markdown:
         print(
-            "\n| commit path | bytes written | % of model | time | ÷ write+fsync |\n"
-            "|---|---|---|---|---|"
+            "\n| commit | model | bytes written | % of model | time | "
+            "write+fsync | ratio |\n|---|---|---|---|---|---|---|"
         )
-        for name, t, w in rows:
+        for name, mb, w, t, b in rows:
             print(
-                f"| {name} | {w / 2**20:.2f} MiB | {w / model_bytes * 100:.2f} % | "
-                f"{t * 1000:.1f} ms | {t / base:.2f} |"
+                f"| {name} | {mb / 2**30:.2f} GiB | {w / 2**20:.2f} MiB | "
+                f"{w / mb * 100:.2f} % | {t * 1000:.1f} ms | {b * 1000:.1f} ms | "
+                f"{t / b:.2f} |"
             )
 
 

@@ -1,6 +1,7 @@
 """What inference nodes import: the parameter-server client, and later the lazy
 expert cache and hot swapper built on it."""
 
-from loaders.client import CommitResult, FetchStats, ParamClient
+from loaders.client import FetchStats, ParamClient
+from param_server.store import CommitResult, GcResult
 
-__all__ = ["CommitResult", "FetchStats", "ParamClient"]
+__all__ = ["CommitResult", "FetchStats", "GcResult", "ParamClient"]

@@ -42,7 +42,7 @@ from param_server.service import (
     frame_bytes_field,
     parse_bytes_field,
 )
-from param_server.store import GcResult
+from param_server.store import CommitResult, GcResult
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,6 @@ def _error(e: grpc.RpcError, what: str) -> ParamServerError:
     code = e.code()
     cls = _ERRORS.get(code, ParamServerError)
     return cls(f"{what}: {code.name}: {e.details()}")
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    """What the server did with a commit."""
-
-    manifest: Manifest
-    blobs_written: int
-    bytes_written: int
 
 
 @dataclass(slots=True)
@@ -336,6 +327,14 @@ class ParamClient:
 
         The tensors view the received (or mapped) bytes without copies.
         """
+        if manifest is not None and (manifest.model, version) not in (
+            (model, None),
+            (model, manifest.version),
+        ):
+            raise InvalidInputError(
+                f"asked for {model}@{version or 'HEAD'} but passed the manifest of "
+                f"{manifest.model}@{manifest.version}"
+            )
         m = manifest if manifest is not None else self.get_manifest(model, version)
         return {
             k: tensor_codec.decode(buf, f"{m.model}@{m.version}:{k}")

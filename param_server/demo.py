@@ -14,7 +14,7 @@ import click
 import torch
 
 from param_server.checkpoints import export_checkpoint, import_checkpoint
-from param_server.errors import UnavailableError
+from param_server.errors import StaleParentError, UnavailableError
 from param_server.store import Store
 
 
@@ -148,7 +148,7 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
                 )
                 try:
                     client.commit("tiny-mixtral", manifest.version, {key: updated})
-                except Exception as e:
+                except StaleParentError as e:
                     say(
                         f"6. a second commit on the stale parent was refused: "
                         f"{type(e).__name__}"

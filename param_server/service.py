@@ -269,7 +269,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         if not isinstance(metadata, dict):
             raise InvalidInputError("metadata_json must be a JSON object")
         # Stale parents fail before the client spends time uploading.
-        self.store._check_parent(h.model, h.parent_version)
+        self.store.check_parent(h.model, h.parent_version)
         total = 0
         with self.store.staging() as staging:
             writer = None
@@ -366,11 +366,15 @@ def create_server(
         OSError: the address cannot be bound.
     """
     store = Store(config.store)
+    store.clean_staging()  # leftovers of commits cut by a crash
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix="param-server"
         ),
         options=[
+            # grpcio sets SO_REUSEPORT by default, which lets a second daemon
+            # bind the same port and silently take half the traffic.
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],

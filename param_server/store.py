@@ -575,7 +575,7 @@ class Store:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"metadata is not JSON-serialisable: {e}") from e
-        base = self._check_parent(model, parent)
+        base = self.check_parent(model, parent)
         shards = dict(base.shards) if base else {}
         files = dict(base.files) if base else {}
         for k in remove:
@@ -613,7 +613,7 @@ class Store:
 
         mdir = self._model_dir(model)
         with self._write_lock():
-            base = self._check_parent(model, parent)  # again, now exclusively
+            base = self.check_parent(model, parent)  # again, now exclusively
             st = self._state_or_none(model)
             version = st.next_version if st else 1
             manifest = Manifest(
@@ -665,8 +665,10 @@ class Store:
             for w in writes:
                 w.result()
             with _io_errors("move HEAD", mdir):
-                for d in (mdir / "manifests", mdir / "history"):
-                    _fsync_dir(d)
+                for f in [
+                    pool.submit(_fsync_dir, mdir / d) for d in ("manifests", "history")
+                ]:
+                    f.result()
                 _atomic_write(mdir / "HEAD", new.to_json())
             self._manifests[(model, version)] = manifest
         logger.info(
@@ -686,7 +688,13 @@ class Store:
         except NotFoundError:
             return None
 
-    def _check_parent(self, model: str, parent: int) -> Manifest | None:
+    def check_parent(self, model: str, parent: int) -> Manifest | None:
+        """The parent's manifest if `parent` is HEAD (None for a new model).
+
+        Raises:
+            StaleParentError: `parent` is not HEAD.
+            NotFoundError: a non-zero parent for a model that does not exist.
+        """
         if not isinstance(parent, int) or parent < 0:
             raise InvalidInputError(f"parent version must be >= 0, got {parent!r}")
         st = self._state_or_none(model)
@@ -840,7 +848,7 @@ class Store:
                         if not dry_run:
                             blob.unlink()
             if not dry_run:
-                self._clean_staging()
+                self.clean_staging()
         logger.info(
             "gc: dropped %d versions, %d blobs, %d bytes%s",
             len(result.dropped_versions),
@@ -850,7 +858,7 @@ class Store:
         )
         return result
 
-    def _clean_staging(self) -> None:
+    def clean_staging(self) -> None:
         """Removes staging areas whose owner died (their flock is free)."""
         for d in (self.root / "tmp").iterdir():
             try:

@@ -473,3 +473,31 @@ def test_from_url() -> None:
 def test_unknown_model_from_client(client: ParamClient) -> None:
     with pytest.raises(NotFoundError, match="unknown model 'ghost'"):
         client.get_manifest("ghost")
+
+
+def test_second_daemon_on_the_same_port_is_refused(
+    server: Server, tmp_path: Path
+) -> None:
+    port = server.target.rpartition(":")[2]
+    with pytest.raises(OSError, match="cannot listen on"):
+        create_server(
+            ServerConfig(store=tmp_path / "other", listen=f"127.0.0.1:{port}")
+        )
+
+
+def test_manifest_of_another_model_is_refused(
+    client: ParamClient, imported: Checkpoint
+) -> None:
+    m = client.get_manifest("mx")
+    with pytest.raises(InvalidInputError, match="passed the manifest of mx@1"):
+        client.fetch_shards("other", ["global"], manifest=m)
+
+
+def test_daemon_start_removes_staging_left_by_a_crash(tmp_path: Path) -> None:
+    stale = tmp_path / "s" / "tmp" / "crashed"
+    stale.mkdir(parents=True)
+    (stale / ".lock").touch()
+    (stale / "0-partial").write_bytes(b"x" * 100)
+    srv, _, _ = create_server(ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0"))
+    srv.stop(0)
+    assert not stale.exists()
