@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import grpc
 import torch
+from tqdm import tqdm
 
 from param_server import tensor_codec
 from param_server.api.v1 import param_server_pb2 as pb
@@ -268,12 +269,18 @@ class ParamClient:
         ]
 
     def fetch_blobs(
-        self, manifest: Manifest, keys: Iterable[str], *, files: Iterable[str] = ()
+        self,
+        manifest: Manifest,
+        keys: Iterable[str],
+        *,
+        files: Iterable[str] = (),
+        progress: bool = False,
     ) -> dict[str, Buffer]:
         """Verified bytes of shards (and files) of one version.
 
         Returns a buffer per key (file names for files); each was checked
-        against the digest in `manifest` before it is returned.
+        against the digest in `manifest` before it is returned. With
+        `progress`, a progress bar on stderr counts the bytes.
 
         Raises:
             NotFoundError: a key or file that `manifest` does not have.
@@ -295,6 +302,22 @@ class ParamClient:
                     f"{manifest.model}@{manifest.version} has no file {f!r}"
                 )
             wanted[f] = (fe.digest, fe.size, True)
+        bar = tqdm(
+            total=sum(size for _, size, _ in wanted.values()),
+            unit="B",
+            unit_scale=True,
+            desc=f"fetch {manifest.model}@{manifest.version}",
+            disable=not progress,
+        )
+        with bar:
+            return self._fetch_wanted(manifest, wanted, bar.update)
+
+    def _fetch_wanted(
+        self,
+        manifest: Manifest,
+        wanted: dict[str, tuple[str, int, bool]],
+        tick: Callable[[int], object],
+    ) -> dict[str, Buffer]:
         out: dict[str, Buffer] = {}
         remote = {}
         # Mapping verifies unseen blobs (SHA-256 releases the GIL): in parallel.
@@ -310,10 +333,11 @@ class ParamClient:
         ):
             if local is not None:
                 out[k] = local
+                tick(size)
             else:
                 remote[k] = (digest, size, is_file)
         if remote:
-            out.update(self._fetch_remote(manifest, remote))
+            out.update(self._fetch_remote(manifest, remote, tick))
         return out
 
     def fetch_shards(
@@ -322,6 +346,8 @@ class ParamClient:
         keys: Iterable[str],
         version: int | None = None,
         manifest: Manifest | None = None,
+        *,
+        progress: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Tensors of shards, by shard key, all from one version.
 
@@ -338,13 +364,16 @@ class ParamClient:
         m = manifest if manifest is not None else self.get_manifest(model, version)
         return {
             k: tensor_codec.decode(buf, f"{m.model}@{m.version}:{k}")
-            for k, buf in self.fetch_blobs(m, keys).items()
+            for k, buf in self.fetch_blobs(m, keys, progress=progress).items()
         }
 
     # --- remote fetch ----------------------------------------------------------
 
     def _fetch_remote(
-        self, m: Manifest, wanted: dict[str, tuple[str, int, bool]]
+        self,
+        m: Manifest,
+        wanted: dict[str, tuple[str, int, bool]],
+        tick: Callable[[int], object],
     ) -> dict[str, Buffer]:
         # Balance streams by bytes: largest first onto the lightest stream.
         n = min(self.streams, len(wanted))
@@ -355,10 +384,11 @@ class ParamClient:
             groups[i].append(k)
             loads[i] += wanted[k][1]
         if n == 1:
-            return self._fetch_group(0, m, groups[0], wanted)
+            return self._fetch_group(0, m, groups[0], wanted, tick)
         results = list(
             self._pool.map(
-                lambda ig: self._fetch_group(ig[0], m, ig[1], wanted), enumerate(groups)
+                lambda ig: self._fetch_group(ig[0], m, ig[1], wanted, tick),
+                enumerate(groups),
             )
         )
         out: dict[str, Buffer] = {}
@@ -372,6 +402,7 @@ class ParamClient:
         m: Manifest,
         keys: list[str],
         wanted: dict[str, tuple[str, int, bool]],
+        tick: Callable[[int], object],
     ) -> dict[str, Buffer]:
         out: dict[str, Buffer] = {}
         refetched: set[str] = set()
@@ -382,7 +413,7 @@ class ParamClient:
             bad = self._retry(
                 f"fetch blobs of {m.model}@{m.version}",
                 lambda: self._stream_into(
-                    stream, m, [k for k in keys if k not in out], wanted, out
+                    stream, m, [k for k in keys if k not in out], wanted, out, tick
                 ),
             )
             for k in bad:
@@ -401,6 +432,7 @@ class ParamClient:
         keys: list[str],
         wanted: dict[str, tuple[str, int, bool]],
         out: dict[str, Buffer],
+        tick: Callable[[int], object],
     ) -> list[str]:
         """One FetchShards stream; fills `out`, returns keys that failed digests.
 
@@ -462,6 +494,7 @@ class ParamClient:
                 )
             if digest.result() == wanted[hdr.key][0] == hdr.digest:
                 out[hdr.key] = data
+                tick(size)
                 with self._stats_lock:
                     self.stats.bytes_streamed += size
                     self.stats.blobs_streamed += 1

@@ -501,3 +501,12 @@ def test_daemon_start_removes_staging_left_by_a_crash(tmp_path: Path) -> None:
     srv, _, _ = create_server(ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0"))
     srv.stop(0)
     assert not stale.exists()
+
+
+def test_large_fetch_shows_progress(server: Server, imported: Checkpoint,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with ParamClient(server.target, same_host=False) as c:
+        m = c.get_manifest("mx")
+        c.fetch_shards("mx", list(m.shards), manifest=m, progress=True)
+    err = capsys.readouterr().err
+    assert "fetch mx@1" in err and "100%" in err

@@ -380,3 +380,46 @@ def test_read_only_store_refuses_writes_and_still_reads(small_fs: Path) -> None:
         commit(store, "m", 1, {"global": shard(b"h")})
     assert type(e.value).__name__ == "StoreIOError"
     assert Store(store.root).get_manifest("m").version == 1
+
+
+def test_readers_never_see_a_partial_version(base: Store, tmp_path: Path) -> None:
+    """A reader in another process checks every version it sees while commits land."""
+    reader = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from param_server.store import Store
+        store = Store({str(base.root)!r})
+        seen, checks = set(), 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = store.get_manifest("m")  # HEAD, as any reader gets it
+            for d in m.digests():
+                store.verify_blob(d)  # exists and matches, or raises
+            assert set(m.shards) == {{"global", "layers.0.experts.0",
+                                      "layers.0.experts.1"}}, m.shards
+            seen.add(m.version)
+            checks += 1
+            if m.version >= 41:
+                break
+        print(len(seen), checks)
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", reader],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for i in range(40):
+        commit(
+            base,
+            "m",
+            base.head("m"),
+            {
+                "layers.0.experts.0": shard(bytes([i % 251])),
+                "layers.0.experts.1": shard(bytes([(i + 7) % 251])),
+            },
+        )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    versions_seen, checks = map(int, out.split())
+    assert versions_seen >= 2 and checks >= versions_seen
