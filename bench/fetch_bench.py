@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from loaders.client import ParamClient
 from param_server import tensor_codec
+from param_server.daemon import spawn_daemon
 from param_server.service import CHUNK_BYTES, MAX_MESSAGE_BYTES
 from param_server.store import Store
 
@@ -131,7 +132,8 @@ def main() -> None:
         raw, raw_port = start(
             [sys.executable, "-c", RAW_SERVER, str(work / "paths"), str(CHUNK_BYTES)]
         )
-        daemon, target = start_daemon(work / "store", work)
+        daemon = spawn_daemon(work / "store")
+        target = daemon.target
         results: dict[str, float] = {}
         try:
             ch = grpc.insecure_channel(
@@ -196,8 +198,7 @@ def main() -> None:
             )
         finally:
             raw.kill()
-            daemon.terminate()
-            daemon.wait()
+            daemon.stop()
 
         gbs = {k: total / v / 1e9 for k, v in results.items()}
         a = gbs["a raw grpcio, 1 stream"]
@@ -219,29 +220,6 @@ def main() -> None:
 
         if args.commit_gib > 0:
             commit_bench(work, args.commit_gib, args.repeat, args.markdown)
-
-
-def start_daemon(store: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port_file = work / f"port-{store.name}"
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "param_server.cli",
-            "--log-level",
-            "warning",
-            "serve",
-            "--store",
-            str(store),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-        ]
-    )
-    while not port_file.exists():
-        time.sleep(0.05)
-    return daemon, f"127.0.0.1:{port_file.read_text()}"
 
 
 def commit_bench(work: Path, gib: float, repeat: int, markdown: bool) -> None:
@@ -286,7 +264,8 @@ def commit_bench(work: Path, gib: float, repeat: int, markdown: bool) -> None:
                 s.add(key, data)
                 r = store.commit("bench", store.head("bench"), s)
             local.append((time.perf_counter() - t, base, r.bytes_written))
-        daemon, target = start_daemon(root, work)
+        daemon = spawn_daemon(root)
+        target = daemon.target
         remote: list[tuple[float, float, int]] = []
         try:
             with ParamClient(target) as c:
@@ -299,8 +278,7 @@ def commit_bench(work: Path, gib: float, repeat: int, markdown: bool) -> None:
                     remote.append((time.perf_counter() - t, base, cr.bytes_written))
                     parent = cr.manifest.version  # a committer knows its parent
         finally:
-            daemon.terminate()
-            daemon.wait()
+            daemon.stop()
         model_bytes = store.get_manifest("bench").total_bytes
         for name, runs in (
             ("Store.commit (in process)", local),

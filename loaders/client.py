@@ -254,19 +254,7 @@ class ParamClient:
                 pb.ListVersionsRequest(model=model), timeout=self.timeout
             ),
         )
-        return [
-            VersionInfo(
-                v.version,
-                v.parent,
-                v.created_at,
-                v.author,
-                v.message,
-                v.pinned,
-                v.head,
-                v.num_changed,
-            )
-            for v in r.versions
-        ]
+        return [VersionInfo.from_proto(v) for v in r.versions]
 
     def fetch_blobs(
         self,

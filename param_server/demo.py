@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,35 +11,9 @@ import click
 import torch
 
 from param_server.checkpoints import export_checkpoint, import_checkpoint
-from param_server.errors import StaleParentError, UnavailableError
+from param_server.daemon import spawn_daemon
+from param_server.errors import StaleParentError
 from param_server.store import Store
-
-
-def _start_daemon(store: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = workdir / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "param_server.cli",
-            "--log-level",
-            "warning",
-            "serve",
-            "--store",
-            str(store),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-        ]
-    )
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise UnavailableError("the daemon did not start; see its log above")
-        time.sleep(0.05)
-    return proc, int(port_file.read_text())
 
 
 def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) -> None:
@@ -77,11 +48,11 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
             f"saved as {n_files} safetensors files + index"
         )
 
-        proc, port = _start_daemon(store, work)
+        daemon = spawn_daemon(store)
         try:
             say(
-                f"2. param-server daemon pid {proc.pid} serving store {store} on "
-                f"127.0.0.1:{port}"
+                f"2. param-server daemon pid {daemon.proc.pid} serving store {store} "
+                f"on {daemon.target}"
             )
             t = time.perf_counter()
             r = import_checkpoint(
@@ -108,7 +79,7 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
                 for n, t in load_file(f).items()
             }
             for same_host in (False, True):
-                with ParamClient(f"127.0.0.1:{port}", same_host=same_host) as client:
+                with ParamClient(daemon.target, same_host=same_host) as client:
                     client.wait_ready()
                     manifest = client.get_manifest("tiny-mixtral")
                     t = time.perf_counter()
@@ -129,7 +100,7 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
                         f"{dt * 1000:.1f} ms, bit-exact to the checkpoint: {ok}"
                     )
 
-            with ParamClient(f"127.0.0.1:{port}") as client:
+            with ParamClient(daemon.target) as client:
                 key = "layers.0.experts.0"
                 tensors = client.fetch_shards("tiny-mixtral", [key], manifest=manifest)[
                     key
@@ -168,8 +139,7 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
                 f"{'are identical' if same else 'DIFFER'} to the original"
             )
         finally:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=30)
+            code = daemon.stop()
             say(f"9. daemon stopped on SIGTERM with exit status {code}")
         if not same:
             raise SystemExit(1)

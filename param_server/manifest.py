@@ -219,3 +219,21 @@ class VersionInfo:
     pinned: bool
     head: bool
     num_changed: int
+
+    _FIELDS = (
+        "version",
+        "parent",
+        "created_at",
+        "author",
+        "message",
+        "pinned",
+        "head",
+        "num_changed",
+    )
+
+    def to_proto(self) -> pb.VersionInfo:
+        return pb.VersionInfo(**{f: getattr(self, f) for f in self._FIELDS})
+
+    @classmethod
+    def from_proto(cls, v: pb.VersionInfo) -> VersionInfo:
+        return cls(*(getattr(v, f) for f in cls._FIELDS))

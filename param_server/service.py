@@ -195,19 +195,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         return pb.ListVersionsResponse(
             model=request.model,
             head=st.head,
-            versions=[
-                pb.VersionInfo(
-                    version=v.version,
-                    parent=v.parent,
-                    created_at=v.created_at,
-                    author=v.author,
-                    message=v.message,
-                    pinned=v.pinned,
-                    head=v.head,
-                    num_changed=v.num_changed,
-                )
-                for v in self.store.list_versions(request.model)
-            ],
+            versions=[v.to_proto() for v in self.store.list_versions(request.model)],
         )
 
     @_streaming

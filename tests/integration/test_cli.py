@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from loaders.client import ParamClient
+from param_server.daemon import DaemonProcess, spawn_daemon
 from tests.conftest import Checkpoint
 
 pytestmark = pytest.mark.integration
@@ -51,47 +50,18 @@ def test_help_everywhere(command: str | None) -> None:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+def daemon(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path]]:
     store = tmp_path / "store"
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "param_server.cli",
-            "serve",
-            "--store",
-            str(store),
-            "--listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "daemon did not start"
-        time.sleep(0.05)
-    try:
-        yield proc, f"127.0.0.1:{port_file.read_text()}", store
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with spawn_daemon(store, log_level="info", stderr=subprocess.PIPE) as d:
+        yield d, store
 
 
-def test_serve_stops_gracefully_on_sigterm(
-    daemon: tuple[subprocess.Popen[str], str, Path],
-) -> None:
-    proc, target, _ = daemon
-    with ParamClient(target) as c:
+def test_serve_stops_gracefully_on_sigterm(daemon: tuple[DaemonProcess, Path]) -> None:
+    d, _ = daemon
+    with ParamClient(d.target) as c:
         assert c.list_models() == []
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
-    err = proc.stderr.read() if proc.stderr else ""
+    assert d.stop() == 0  # SIGTERM, then a clean exit
+    err = d.proc.stderr.read() if d.proc.stderr else ""
     assert "listening on 127.0.0.1:" in err and "received SIGTERM" in err
 
 
@@ -113,11 +83,12 @@ def test_bad_listen_address_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_admin_flow_offline_and_through_the_daemon(
-    daemon: tuple[subprocess.Popen[str], str, Path],
+    daemon: tuple[DaemonProcess, Path],
     checkpoints: dict[str, Checkpoint],
     tmp_path: Path,
 ) -> None:
-    _, target, store = daemon
+    d, store = daemon
+    target = d.target
     src = checkpoints["qwen3_moe-bfloat16"].path
     p = cli(
         "import",

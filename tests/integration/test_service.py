@@ -503,8 +503,9 @@ def test_daemon_start_removes_staging_left_by_a_crash(tmp_path: Path) -> None:
     assert not stale.exists()
 
 
-def test_large_fetch_shows_progress(server: Server, imported: Checkpoint,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_large_fetch_shows_progress(
+    server: Server, imported: Checkpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
     with ParamClient(server.target, same_host=False) as c:
         m = c.get_manifest("mx")
         c.fetch_shards("mx", list(m.shards), manifest=m, progress=True)
