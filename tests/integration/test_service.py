@@ -511,3 +511,35 @@ def test_large_fetch_shows_progress(
         c.fetch_shards("mx", list(m.shards), manifest=m, progress=True)
     err = capsys.readouterr().err
     assert "fetch mx@1" in err and "100%" in err
+
+
+def test_bytes_failing_the_manifest_digest_are_refetched_once_then_refused(
+    client: ParamClient, imported: Checkpoint
+) -> None:
+    import dataclasses
+
+    m = client.get_manifest("mx")
+    key = "layers.1.experts.1"
+    forged = dataclasses.replace(
+        m,
+        shards={**m.shards, key: dataclasses.replace(m.shards[key], digest="0" * 64)},
+    )
+    with pytest.raises(IntegrityError, match="failed digest 0{64} twice"):
+        client.fetch_blobs(forged, [key])
+    assert client.stats.digest_failures == 2 and client.stats.blobs_streamed == 0
+
+
+def test_commit_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    config = ServerConfig(
+        store=tmp_path / "s", listen="127.0.0.1:0", max_commit_bytes=1000
+    )
+    srv, port, _ = create_server(config)
+    srv.start()
+    try:
+        with ParamClient(f"127.0.0.1:{port}") as c:
+            with pytest.raises(InvalidInputError, match="limit of 1000 bytes"):
+                c.commit("m", 0, {"global": raw_safetensors({"w": b"x" * 2000})})
+            c.commit("m", 0, {"global": raw_safetensors({"w": b"x" * 100})})
+            assert c.get_manifest("m").version == 1
+    finally:
+        srv.stop(0)
