@@ -524,7 +524,7 @@ def test_bytes_failing_the_manifest_digest_are_refetched_once_then_refused(
         m,
         shards={**m.shards, key: dataclasses.replace(m.shards[key], digest="0" * 64)},
     )
-    with pytest.raises(IntegrityError, match="failed digest 0{64} twice"):
+    with pytest.raises(IntegrityError, match=r"failed digest 0{64} twice"):
         client.fetch_blobs(forged, [key])
     assert client.stats.digest_failures == 2 and client.stats.blobs_streamed == 0
 
