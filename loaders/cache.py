@@ -1,0 +1,409 @@
+"""LazyExpertLoader: experts on demand within a byte budget, keyed by content digest."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from loaders.client import ParamClient
+from param_server import tensor_codec
+from param_server.checkpoints import expert_key
+from param_server.errors import InvalidInputError, NotFoundError, ParamServerError
+from param_server.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, torch.Tensor]
+Prepare = Callable[[int, int, Tensors], Tensors]
+"""(layer, expert, tensors as stored) -> tensors as the model uses them."""
+
+
+class ExpertFetchError(ParamServerError):
+    """An expert could not be brought in (server gone, corrupt bytes, ...)."""
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """A snapshot of the loader's counters."""
+
+    hits: int = 0
+    misses: int = 0
+    fetches: int = 0
+    """Fetch calls to the server (one per batch of misses)."""
+    bytes_fetched: int = 0
+    evictions: int = 0
+    prefetched: int = 0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+    resident_experts: int = 0
+    miss_latency_ms: dict[str, float] = field(default_factory=dict)
+    """p50, p90, p99 and max of recent misses, in milliseconds."""
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    tensors: Tensors
+    nbytes: int
+    refs: int = 0
+    pinned: bool = False
+
+
+@dataclass(slots=True)
+class _Flight:
+    """An expert being fetched; waiters block on `done`."""
+
+    reserved: int
+    done: Future[None] = field(default_factory=Future)
+
+
+class LazyExpertLoader:
+    """Brings experts of one model version from a param-server on demand.
+
+    Resident experts are bounded in bytes (`budget_bytes`, counting experts
+    being fetched); the least recently used expert that no forward pass holds
+    and nobody pinned is evicted first. Entries are keyed by content digest,
+    so a new version of an expert is a new entry and an unchanged one is
+    shared across versions.
+
+    Args:
+        client: the server connection.
+        manifest: the version to serve (see `for_model`).
+        budget_bytes: most bytes of experts resident at once; must hold the
+            largest expert.
+        device: where prepared experts live.
+        prepare: turns a shard's tensors into what the model uses (for
+            example gate and up concatenated); the default keeps them.
+        prefetch_workers: threads that warm experts ahead of use.
+
+    Raises:
+        InvalidInputError: a budget of zero, negative or below one expert.
+    """
+
+    def __init__(
+        self,
+        client: ParamClient,
+        manifest: Manifest,
+        *,
+        budget_bytes: int,
+        device: str | torch.device = "cpu",
+        prepare: Prepare | None = None,
+        prefetch_workers: int = 1,
+    ) -> None:
+        if budget_bytes <= 0:
+            raise InvalidInputError(
+                f"expert budget must be positive, got {budget_bytes} bytes"
+            )
+        sizes = [s.size for k, s in manifest.shards.items() if ".experts." in k]
+        if not sizes:
+            raise InvalidInputError(
+                f"{manifest.model}@{manifest.version} has no experts"
+            )
+        if budget_bytes < max(sizes):
+            raise InvalidInputError(
+                f"expert budget of {budget_bytes} bytes cannot hold one expert of "
+                f"{manifest.model} ({max(sizes)} bytes); give at least that much"
+            )
+        self.client = client
+        self.manifest = manifest
+        self.budget_bytes = budget_bytes
+        self.device = torch.device(device)
+        self._prepare = prepare or (lambda layer, expert, t: t)
+        self._lock = threading.Condition()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
+        self._flights: dict[str, _Flight] = {}
+        self._resident = 0  # bytes of entries plus reservations of flights
+        self._stats = CacheStats()
+        self._latencies: deque[float] = deque(maxlen=4096)
+        self._prefetcher = ThreadPoolExecutor(
+            max_workers=prefetch_workers, thread_name_prefix="expert-prefetch"
+        )
+
+    @classmethod
+    def for_model(
+        cls,
+        client: ParamClient,
+        model: str,
+        version: int | None = None,
+        **kwargs: object,
+    ) -> LazyExpertLoader:
+        """A loader for `model` at `version` (HEAD when None)."""
+        return cls(client, client.get_manifest(model, version), **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+
+    # --- identity --------------------------------------------------------------
+
+    def _digest(self, layer: int, expert: int) -> tuple[str, str, int]:
+        key = expert_key(layer, expert)
+        entry = self.manifest.shards.get(key)
+        if entry is None:
+            raise NotFoundError(
+                f"{self.manifest.model}@{self.manifest.version} has no expert "
+                f"{expert} in layer {layer} (shard {key!r})"
+            )
+        return key, entry.digest, entry.size
+
+    def expert_bytes(self, layer: int, expert: int) -> int:
+        """Bytes the expert takes in the budget (its blob size)."""
+        return self._digest(layer, expert)[2]
+
+    # --- the core: hold experts resident while a block runs -----------------------
+
+    @contextlib.contextmanager
+    def acquire(
+        self, layer: int, experts: Sequence[int]
+    ) -> Iterator[dict[int, Tensors]]:
+        """Holds `experts` of `layer` resident while the block runs.
+
+        Misses are fetched together in one call; an expert another thread is
+        already fetching is waited for, not fetched again.
+
+        Raises:
+            ExpertFetchError: an expert could not be fetched (after the
+                client's retries); it names the expert.
+        """
+        ids = {e: self._digest(layer, e) for e in experts}
+        held: dict[int, Tensors] = {}
+        try:
+            pending = dict(ids)
+            while pending:
+                mine, waits = self._claim(pending, held)
+                if mine:
+                    held.update(self._fetch(layer, mine))  # installed with our ref
+                for fut in waits:
+                    with contextlib.suppress(ExpertFetchError):
+                        fut.result()  # their failure is retried (and reported) by us
+                pending = {e: i for e, i in pending.items() if e not in held}
+            yield held
+        finally:
+            self._release([ids[e][1] for e in held])
+
+    def _claim(
+        self, pending: dict[int, tuple[str, str, int]], held: dict[int, Tensors]
+    ) -> tuple[dict[int, tuple[str, str, int]], list[Future[None]]]:
+        """Takes hits, joins flights, and reserves room for new fetches."""
+        mine: dict[int, tuple[str, str, int]] = {}
+        waits: list[Future[None]] = []
+        with self._lock:
+            for e, (key, digest, size) in pending.items():
+                entry = self._entries.get(digest)
+                if entry is not None:
+                    entry.refs += 1
+                    self._entries.move_to_end(digest)
+                    held[e] = entry.tensors
+                    self._stats.hits += 1
+                elif digest in self._flights:
+                    waits.append(self._flights[digest].done)
+                else:
+                    self._make_room(size)
+                    self._flights[digest] = _Flight(size)
+                    self._resident += size
+                    self._note_peak()
+                    mine[e] = (key, digest, size)
+                    self._stats.misses += 1
+        return mine, waits
+
+    def _fetch(
+        self, layer: int, mine: dict[int, tuple[str, str, int]]
+    ) -> dict[int, Tensors]:
+        """Fetches claimed experts in one call and installs them, one ref held."""
+        t0 = time.perf_counter()
+        keys = {key: (e, digest, size) for e, (key, digest, size) in mine.items()}
+        try:
+            blobs = self.client.fetch_blobs(self.manifest, list(keys))
+            prepared = {}
+            for key, buf in blobs.items():
+                e = keys[key][0]
+                raw = tensor_codec.decode(buf, f"{self.manifest.model}:{key}")
+                # Own storage on the target device: never keep the blob alive.
+                ts = self._prepare(layer, e, raw)
+                prepared[key] = {
+                    n: t.to(self.device, copy=True).contiguous() for n, t in ts.items()
+                }
+        except (ParamServerError, RuntimeError, ValueError) as err:
+            with self._lock:
+                for _, digest, size in keys.values():
+                    self._flights.pop(digest).done.set_exception(
+                        ExpertFetchError(str(err))
+                    )
+                    self._resident -= size
+                self._lock.notify_all()
+            names = ", ".join(f"layer {layer} expert {e}" for e, _, _ in keys.values())
+            raise ExpertFetchError(
+                f"could not bring in {names} of {self.manifest.model}@"
+                f"{self.manifest.version}: {err}"
+            ) from err
+        dt = time.perf_counter() - t0
+        with self._lock:
+            for key, (_, digest, size) in keys.items():
+                ts = prepared[key]
+                nbytes = sum(t.numel() * t.element_size() for t in ts.values())
+                self._entries[digest] = _Entry(ts, nbytes, refs=1)
+                self._resident += nbytes - size
+                self._flights.pop(digest).done.set_result(None)
+                self._stats.bytes_fetched += size
+            self._stats.fetches += 1
+            self._latencies.extend([dt] * len(keys))
+            self._lock.notify_all()
+        return {e: prepared[key] for key, (e, _, _) in keys.items()}
+
+    def _make_room(self, size: int) -> None:
+        """Evicts unheld, unpinned experts (LRU first) until `size` fits. Holds lock."""
+        if self._resident + size <= self.budget_bytes:
+            return
+        for digest in list(self._entries):
+            entry = self._entries[digest]
+            if entry.refs or entry.pinned:
+                continue
+            del self._entries[digest]
+            self._resident -= entry.nbytes
+            self._stats.evictions += 1
+            if self._resident + size <= self.budget_bytes:
+                return
+        # Everything left is in use or pinned: the caller's batch is allowed
+        # to go over (iter_experts sizes batches so that this stays rare).
+        logger.debug(
+            "expert budget exceeded: %d + %d > %d bytes",
+            self._resident,
+            size,
+            self.budget_bytes,
+        )
+
+    def _note_peak(self) -> None:
+        self._stats.peak_resident_bytes = max(
+            self._stats.peak_resident_bytes, self._resident
+        )
+
+    def _release(self, digests: list[str]) -> None:
+        with self._lock:
+            for d in digests:
+                entry = self._entries.get(d)
+                if entry is not None:
+                    entry.refs -= 1
+            self._lock.notify_all()
+
+    # --- what a forward pass uses ---------------------------------------------
+
+    def iter_experts(
+        self, layer: int, experts: Sequence[int]
+    ) -> Iterator[tuple[int, Tensors]]:
+        """Yields (expert, tensors) in the given order, holding each while used.
+
+        Experts are brought in batches as large as the budget allows (all in
+        one batch when they fit), so a budget smaller than one layer's routed
+        experts still works, one batch after another.
+        """
+        i = 0
+        while i < len(experts):
+            batch = [experts[i]]
+            room = self.budget_bytes - self.expert_bytes(layer, experts[i])
+            for e in experts[i + 1 :]:
+                size = self.expert_bytes(layer, e)
+                if size > room:
+                    break
+                batch.append(e)
+                room -= size
+            with self.acquire(layer, batch) as held:
+                for e in batch:
+                    yield e, held[e]
+            i += len(batch)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> Future[None]:
+        """Warms experts off the forward path; never evicts what is in use."""
+
+        def run() -> None:
+            with self._lock:
+                free = (
+                    self.budget_bytes
+                    - self._resident
+                    + sum(
+                        en.nbytes
+                        for en in self._entries.values()
+                        if not en.refs and not en.pinned
+                    )
+                )
+            todo, room = [], free
+            for e in experts:
+                size = self.expert_bytes(layer, e)
+                if size <= room:
+                    todo.append(e)
+                    room -= size
+            if todo:
+                with self.acquire(layer, todo):
+                    pass
+                with self._lock:
+                    self._stats.prefetched += len(todo)
+
+        return self._prefetcher.submit(run)
+
+    def pin(self, layer: int, experts: Sequence[int], pinned: bool = True) -> None:
+        """Keeps experts resident until unpinned (they count in the budget)."""
+        with self.acquire(layer, experts) as held, self._lock:
+            for e in held:
+                self._entries[self._digest(layer, e)[1]].pinned = pinned
+
+    def resize(self, budget_bytes: int) -> None:
+        """Changes the budget; shrinking evicts (LRU first) what no one holds."""
+        largest = max(
+            s.size for k, s in self.manifest.shards.items() if ".experts." in k
+        )
+        if budget_bytes < largest:
+            raise InvalidInputError(
+                f"expert budget of {budget_bytes} bytes cannot hold one expert "
+                f"({largest} bytes)"
+            )
+        with self._lock:
+            self.budget_bytes = budget_bytes
+            self._make_room(0)
+
+    def resident(self) -> set[tuple[int, int]]:
+        """(layer, expert) pairs of this version that are resident now."""
+        with self._lock:
+            digests = set(self._entries)
+        out = set()
+        for key, s in self.manifest.shards.items():
+            if s.digest in digests and ".experts." in key:
+                _, layer, _, expert = key.split(".")
+                out.add((int(layer), int(expert)))
+        return out
+
+    def stats(self) -> CacheStats:
+        """A consistent snapshot of the counters (cheap: a lock and a copy)."""
+        with self._lock:
+            s = CacheStats(
+                **{
+                    f: getattr(self._stats, f)
+                    for f in (
+                        "hits",
+                        "misses",
+                        "fetches",
+                        "bytes_fetched",
+                        "evictions",
+                        "prefetched",
+                        "peak_resident_bytes",
+                    )
+                }
+            )
+            s.resident_bytes = self._resident
+            s.resident_experts = len(self._entries)
+            lat = sorted(self._latencies)
+        if lat:
+            s.miss_latency_ms = {
+                name: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
+                for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+            }
+        return s

@@ -1,0 +1,312 @@
+"""transformers MoE models whose experts come from a param-server on demand.
+
+transformers 5 keeps a layer's experts in one module whose forward takes
+(hidden_states, top_k_index, top_k_weights) and whose weights are fused 3-D
+parameters, and lets a library register another forward for those modules
+(`ExpertsInterface`). We register one that asks a LazyExpertLoader for the
+routed experts only, and drop the fused parameters, so expert weights exist
+only while cached.
+
+Adding a model family means adding a row to FAMILIES.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loaders.cache import LazyExpertLoader, Tensors
+from loaders.client import ParamClient
+from param_server import tensor_codec
+from param_server.errors import InvalidInputError
+from param_server.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "param_server_lazy"
+
+
+@dataclass(frozen=True, slots=True)
+class LazyFamily:
+    """How a family's checkpoint names map onto its experts module."""
+
+    model_types: tuple[str, ...]
+    renames: tuple[tuple[str, str], ...]
+    """Substring renames from checkpoint to module names (dense tensors)."""
+    experts_path: str
+    """Attribute path of the experts module inside a decoder layer."""
+    params: tuple[tuple[str, tuple[str, ...]], ...]
+    """Fused parameter -> per-expert checkpoint suffixes, concatenated on dim 0."""
+
+
+FAMILIES: tuple[LazyFamily, ...] = (
+    LazyFamily(
+        model_types=("mixtral",),
+        renames=((".block_sparse_moe.", ".mlp."),),
+        experts_path="mlp.experts",
+        params=(
+            ("gate_up_proj", ("w1.weight", "w3.weight")),
+            ("down_proj", ("w2.weight",)),
+        ),
+    ),
+    LazyFamily(
+        # Shared experts (Qwen2-MoE, DeepSeek-V3) are dense tensors of the layer.
+        model_types=("qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"),
+        renames=(),
+        experts_path="mlp.experts",
+        params=(
+            ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")),
+            ("down_proj", ("down_proj.weight",)),
+        ),
+    ),
+)
+_EXPERT_NAME = re.compile(r".*\.experts\.(?:\d+\.)?(?P<suffix>[A-Za-z0-9_.]+)")
+
+
+def family_for(model_type: str) -> LazyFamily:
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    known = sorted(t for f in FAMILIES for t in f.model_types)
+    raise InvalidInputError(
+        f"no lazy-expert support for model_type {model_type!r}; supported: {known}"
+    )
+
+
+def _prepare_for(family: LazyFamily, shapes: dict[str, tuple[int, ...]], model: str):  # type: ignore[no-untyped-def]
+    """A Prepare that builds the fused per-expert tensors the module expects."""
+
+    def prepare(layer: int, expert: int, tensors: Tensors) -> Tensors:
+        by_suffix = {}
+        for name, t in tensors.items():
+            m = _EXPERT_NAME.fullmatch(name)
+            by_suffix[m.group("suffix") if m else name] = t
+        out = {}
+        for param, parts in family.params:
+            if param in by_suffix:  # stored fused ([E, ...] split per expert)
+                t = by_suffix[param]
+            else:
+                missing = [p for p in parts if p not in by_suffix]
+                if missing:
+                    raise InvalidInputError(
+                        f"{model} layer {layer} expert {expert}: no tensor ending in "
+                        f"{missing[0]!r} (have {sorted(by_suffix)})"
+                    )
+                t = torch.cat([by_suffix[p] for p in parts], dim=0)
+            if tuple(t.shape) != shapes[param]:
+                raise InvalidInputError(
+                    f"{model} layer {layer} expert {expert}: tensor {param!r} has "
+                    f"shape {list(t.shape)} but the model config expects "
+                    f"{list(shapes[param])}"
+                )
+            out[param] = t
+        return out
+
+    return prepare
+
+
+def lazy_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The eager experts forward of transformers, op for op, on cached experts."""
+    loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
+    layer: int = self._lazy_layer  # type: ignore[assignment]
+    num_experts: int = self.num_experts  # type: ignore[assignment]
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=num_experts + 1)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    hit = [e for e in expert_hit[:, 0].tolist() if e != num_experts]
+    for expert_idx, w in loader.iter_experts(layer, hit):
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        gate, up = nn.functional.linear(current_state, w["gate_up_proj"]).chunk(
+            2, dim=-1
+        )
+        current = self.act_fn(gate) * up  # type: ignore[operator]
+        current = nn.functional.linear(current, w["down_proj"])
+        current = current * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(
+            0, token_idx, current.to(final_hidden_states.dtype)
+        )
+    return final_hidden_states
+
+
+def _register() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, lazy_experts_forward)
+
+
+@dataclass
+class LazyModel:
+    """A transformers model serving experts through `loader`."""
+
+    model: nn.Module
+    loader: LazyExpertLoader
+    manifest: Manifest
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def load_lazy_model(
+    client: ParamClient,
+    model: str,
+    *,
+    budget_bytes: int,
+    version: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LazyModel:
+    """Builds `model` from the server with lazily loaded experts.
+
+    Dense and global weights are fetched and loaded; each layer's experts
+    module keeps its forward contract but holds no weights: it asks the
+    loader for the experts its router picks.
+
+    Raises:
+        UnavailableError: the server stayed unreachable (after retries).
+        InvalidInputError: an unsupported family, a zero or too small budget,
+            or a checkpoint that does not match the config (naming the tensor
+            and both shapes).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    _register()
+    manifest = client.get_manifest(model, version)
+    if "config.json" not in manifest.files:
+        raise InvalidInputError(f"{model}@{manifest.version} has no config.json")
+    cfg_dict = json.loads(
+        bytes(client.fetch_blobs(manifest, [], files=["config.json"])["config.json"])
+    )
+    config = AutoConfig.for_model(**cfg_dict)
+    family = family_for(config.model_type)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    with no_init_weights():  # allocations stay untouched until dropped or loaded
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+    net.eval()
+    layers = net.model.layers
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in layers:
+        experts = _get(layer, family.experts_path)
+        for param, _ in family.params:
+            shapes[param] = tuple(getattr(experts, param).shape[1:])
+            delattr(experts, param)  # never touched, so never resident
+    _check_expert_shapes(manifest, family, shapes)
+    loader = LazyExpertLoader(
+        client,
+        manifest,
+        budget_bytes=budget_bytes,
+        device=device,
+        prepare=_prepare_for(family, shapes, model),
+    )
+    for i, layer in enumerate(layers):
+        experts = _get(layer, family.experts_path)
+        # Plain attributes (not submodules): what lazy_experts_forward reads.
+        experts.__dict__["_lazy_loader"] = loader
+        experts.__dict__["_lazy_layer"] = i
+    _load_dense(client, manifest, net, family, model)
+    net.to(device)
+    net.config._experts_implementation = IMPLEMENTATION
+    for module in net.modules():
+        if hasattr(module, "_lazy_loader"):
+            module.config._experts_implementation = IMPLEMENTATION
+    logger.info(
+        "lazy model %s@%d on %s, expert budget %d bytes",
+        model,
+        manifest.version,
+        device,
+        budget_bytes,
+    )
+    return LazyModel(net, loader, manifest)
+
+
+def _check_expert_shapes(
+    manifest: Manifest, family: LazyFamily, shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Checks every expert in the manifest against the config, before serving."""
+    for key, shard in sorted(manifest.shards.items()):
+        if ".experts." not in key:
+            continue
+        by_suffix = {}
+        for t in shard.tensors:
+            m = _EXPERT_NAME.fullmatch(t.name)
+            by_suffix[m.group("suffix") if m else t.name] = t
+        for param, parts in family.params:
+            if param in by_suffix:
+                first, shape = by_suffix[param], by_suffix[param].shape
+            elif all(p in by_suffix for p in parts):
+                first = by_suffix[parts[0]]
+                shape = (sum(by_suffix[p].shape[0] for p in parts), *first.shape[1:])
+            else:
+                raise InvalidInputError(
+                    f"{manifest.model}@{manifest.version} shard {key!r} lacks tensors "
+                    f"ending in {list(parts)} (has {sorted(by_suffix)})"
+                )
+            if tuple(shape) != shapes[param]:
+                raise InvalidInputError(
+                    f"{manifest.model}@{manifest.version}: tensor {first.name!r} makes "
+                    f"{param} of shape {list(shape)} but the model built from "
+                    f"config.json expects {list(shapes[param])}"
+                )
+
+
+def _load_dense(
+    client: ParamClient,
+    manifest: Manifest,
+    net: nn.Module,
+    family: LazyFamily,
+    model: str,
+) -> None:
+    keys = [k for k in manifest.shards if ".experts." not in k]
+    state: dict[str, torch.Tensor] = {}
+    for key, buf in client.fetch_blobs(manifest, keys).items():
+        for name, t in tensor_codec.decode(buf, f"{model}:{key}").items():
+            for a, b in family.renames:
+                name = name.replace(a, b)
+            state[name] = t.clone()  # own storage; the blob buffer is dropped
+    expected = dict(net.state_dict())
+    for name, t in state.items():
+        want = expected.get(name)
+        if want is None:
+            raise InvalidInputError(
+                f"{model}@{manifest.version}: tensor {name!r} is not in the model "
+                "built from its config.json; the config does not match the weights"
+            )
+        if tuple(want.shape) != tuple(t.shape):
+            raise InvalidInputError(
+                f"{model}@{manifest.version}: tensor {name!r} has shape "
+                f"{list(t.shape)} but the model built from config.json expects "
+                f"{list(want.shape)}"
+            )
+    missing = sorted(set(expected) - set(state) - _tied(net))
+    if missing:
+        raise InvalidInputError(
+            f"{model}@{manifest.version}: no weights for {missing[:3]} "
+            f"({len(missing)} tensors missing)"
+        )
+    net.load_state_dict(state, strict=False, assign=True)
+    if getattr(net.config, "tie_word_embeddings", False):
+        net.tie_weights()  # type: ignore[operator]
+
+
+def _tied(net: nn.Module) -> set[str]:
+    if getattr(net.config, "tie_word_embeddings", False):
+        return {"lm_head.weight"}
+    return set()

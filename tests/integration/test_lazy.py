@@ -1,0 +1,319 @@
+"""Lazy expert loading against a real server and real transformers MoE models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loaders.cache import ExpertFetchError, LazyExpertLoader
+from loaders.client import ParamClient
+from loaders.models import FAMILIES, LazyModel, family_for, load_lazy_model
+from param_server.checkpoints import import_checkpoint
+from param_server.errors import InvalidInputError, UnavailableError
+from param_server.service import ServerConfig, create_server
+from param_server.store import Store
+from tests.conftest import Checkpoint
+
+pytestmark = pytest.mark.integration
+TAGS = [
+    "mixtral-float32",
+    "qwen3_moe-float32",
+    "mixtral-bfloat16",
+    "qwen3_moe-bfloat16",
+]
+
+
+@dataclasses.dataclass
+class Served:
+    target: str
+    store: Path
+    server: grpc.Server
+
+
+@pytest.fixture(scope="module")
+def served(
+    checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("lazy-store")
+    store = Store(root)
+    for tag in TAGS:
+        import_checkpoint(store, checkpoints[tag].path, tag)
+    srv, port, _ = create_server(ServerConfig(store=root, listen="127.0.0.1:0"))
+    srv.start()
+    yield Served(f"127.0.0.1:{port}", root, srv)
+    srv.stop(0)
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[ParamClient]:
+    with ParamClient(served.target, same_host=False, retries=1, backoff=0.01) as c:
+        yield c
+
+
+def eager(path: Path) -> torch.nn.Module:
+    """The reference: transformers' own model with its eager experts loop."""
+    m = AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto", experts_implementation="eager"
+    )
+    return m.eval()  # type: ignore[no-any-return]
+
+
+def expert_sizes(client: ParamClient, model: str) -> tuple[int, int]:
+    """(total bytes of all experts, bytes of the largest)."""
+    sizes = [
+        s.size for k, s in client.get_manifest(model).shards.items() if ".experts." in k
+    ]
+    return sum(sizes), max(sizes)
+
+
+def lazy(client: ParamClient, model: str, fraction: float) -> LazyModel:
+    total, largest = expert_sizes(client, model)
+    return load_lazy_model(
+        client, model, budget_bytes=max(largest, int(total * fraction))
+    )
+
+
+PROMPT = torch.arange(3, 3 + 2 * 48).remainder(128).view(2, 48)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.125])
+def test_logits_equal_eager_at_every_budget(
+    client: ParamClient, checkpoints: dict[str, Checkpoint], tag: str, fraction: float
+) -> None:
+    ref = eager(checkpoints[tag].path)
+    lm = lazy(client, tag, fraction)
+    try:
+        with torch.no_grad():
+            for _ in range(2):  # a second pass runs on what the first left cached
+                assert torch.equal(ref(PROMPT).logits, lm.model(PROMPT).logits)
+        st = lm.loader.stats()
+        assert st.peak_resident_bytes <= lm.loader.budget_bytes
+        if fraction < 1.0:
+            assert st.evictions > 0  # eviction happened within the forward passes
+        else:
+            assert st.evictions == 0 and st.hits > 0
+    finally:
+        lm.close()
+
+
+@pytest.mark.parametrize("tag", ["mixtral-float32", "qwen3_moe-bfloat16"])
+def test_greedy_generation_is_identical(
+    client: ParamClient, checkpoints: dict[str, Checkpoint], tag: str
+) -> None:
+    ref = eager(checkpoints[tag].path)
+    lm = lazy(client, tag, 0.25)
+    try:
+        args = {"max_new_tokens": 24, "do_sample": False, "pad_token_id": 0}
+        with torch.no_grad():
+            want = ref.generate(PROMPT[:1, :16], **args)
+            got = lm.model.generate(PROMPT[:1, :16], **args)
+        assert torch.equal(want, got)
+        st = lm.loader.stats()
+        assert st.evictions > 0 and st.peak_resident_bytes <= lm.loader.budget_bytes
+    finally:
+        lm.close()
+
+
+def test_only_routed_experts_are_fetched(client: ParamClient) -> None:
+    lm = lazy(client, "mixtral-float32", 1.0)
+    try:
+        with torch.no_grad():
+            lm.model(PROMPT[:1, :1])  # one token routes to top-2 experts per layer
+        assert lm.loader.stats().misses == 2 * 2
+        assert len(lm.loader.resident()) == 4
+    finally:
+        lm.close()
+
+
+def test_single_flight(client: ParamClient) -> None:
+    loader = LazyExpertLoader.for_model(client, "mixtral-float32", budget_bytes=10**9)
+    barrier = threading.Barrier(8)
+    got: list[torch.Tensor] = []
+
+    def worker() -> None:
+        barrier.wait()
+        with loader.acquire(1, [2]) as held:
+            got.append(next(iter(held[2].values())))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    st = loader.stats()
+    assert st.fetches == 1 and st.misses == 1 and st.hits == 7
+    assert st.bytes_fetched == loader.expert_bytes(1, 2)
+    assert all(g.data_ptr() == got[0].data_ptr() for g in got)  # one copy, shared
+    loader.close()
+
+
+def test_misses_of_one_pass_are_one_batched_fetch(client: ParamClient) -> None:
+    loader = LazyExpertLoader.for_model(client, "qwen3_moe-float32", budget_bytes=10**9)
+    with loader.acquire(0, [0, 1, 2, 3]):
+        pass
+    st = loader.stats()
+    assert (st.misses, st.fetches) == (4, 1)
+    assert set(st.miss_latency_ms) == {"p50", "p90", "p99", "max"}
+    loader.close()
+
+
+def test_budget_smaller_than_a_layers_experts_works_in_batches(
+    client: ParamClient,
+) -> None:
+    _, largest = expert_sizes(client, "mixtral-float32")
+    loader = LazyExpertLoader.for_model(client, "mixtral-float32", budget_bytes=largest)
+    seen = [e for e, _ in loader.iter_experts(0, [0, 1, 2, 3])]
+    st = loader.stats()
+    assert seen == [0, 1, 2, 3] and st.fetches == 4 and st.evictions == 3
+    assert st.peak_resident_bytes <= largest
+    loader.close()
+
+
+def test_prefetch_warms_and_pins_survive_pressure(client: ParamClient) -> None:
+    _, largest = expert_sizes(client, "mixtral-float32")
+    loader = LazyExpertLoader.for_model(
+        client, "mixtral-float32", budget_bytes=3 * largest
+    )
+    loader.prefetch(0, [0, 1]).result(timeout=30)
+    assert loader.resident() == {(0, 0), (0, 1)} and loader.stats().prefetched == 2
+    with loader.acquire(0, [0, 1]):
+        pass
+    assert loader.stats().hits == 2
+    loader.pin(1, [3])
+    for e in range(4):
+        with loader.acquire(0, [e]):
+            pass
+    assert (1, 3) in loader.resident()  # pinned: never the victim
+    assert loader.stats().peak_resident_bytes <= 3 * largest
+    loader.close()
+
+
+@pytest.mark.parametrize("budget", [0, -5, 100])
+def test_bad_budgets_are_refused(client: ParamClient, budget: int) -> None:
+    with pytest.raises(InvalidInputError, match="budget"):
+        LazyExpertLoader.for_model(client, "mixtral-float32", budget_bytes=budget)
+
+
+def test_config_that_does_not_match_the_weights(
+    served: Served, checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    store = Store(served.store)
+    m = store.get_manifest("qwen3_moe-float32")
+    cfg = json.loads(store.blob_path(m.files["config.json"].digest).read_bytes())
+    original = dict(cfg)
+    cfg["moe_intermediate_size"] = 24
+    with store.staging() as s:
+        s.add("config.json", json.dumps(cfg).encode(), is_file=True)
+        store.commit("qwen3_moe-float32", m.version, s, message="wrong config")
+    try:
+        with ParamClient(served.target) as c:
+            with pytest.raises(
+                InvalidInputError,
+                match=(
+                    r"tensor 'model\.layers\.0\.mlp\.experts\.0\.\w+_proj\.weight' makes "
+                    r"gate_up_proj of shape \[32, 32\] but the model built from "
+                    r"config\.json expects \[48, 32\]"
+                ),
+            ):
+                load_lazy_model(c, "qwen3_moe-float32", budget_bytes=10**9)
+            cfg = {**original, "head_dim": 16}  # experts fine, attention wrong
+            with store.staging() as s:
+                s.add("config.json", json.dumps(cfg).encode(), is_file=True)
+                store.commit("qwen3_moe-float32", m.version + 1, s)
+            with pytest.raises(
+                InvalidInputError,
+                match=(
+                    r"tensor 'model\.layers\.0\.self_attn\.k_norm\.weight' has shape \[8\] "
+                    r"but the model built from config\.json expects \[16\]"
+                ),
+            ):
+                load_lazy_model(c, "qwen3_moe-float32", budget_bytes=10**9)
+    finally:
+        store.rollback("qwen3_moe-float32", m.version)
+
+
+def test_unsupported_family_is_refused() -> None:
+    assert family_for("mixtral") is FAMILIES[0]
+    with pytest.raises(
+        InvalidInputError, match="no lazy-expert support for model_type 'gpt2'"
+    ):
+        family_for("gpt2")
+
+
+def test_server_unreachable_at_boot() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ParamClient(f"127.0.0.1:{port}", retries=2, backoff=0.01) as c:
+        with pytest.raises(UnavailableError, match="UNAVAILABLE"):
+            load_lazy_model(c, "m", budget_bytes=10**9)
+
+
+def test_server_gone_mid_serving(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    tag = "mixtral-float32"
+    import_checkpoint(Store(tmp_path / "s"), checkpoints[tag].path, tag)
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
+    )
+    srv.start()
+    ref = eager(checkpoints[tag].path)
+    with ParamClient(
+        f"127.0.0.1:{port}", retries=2, backoff=0.01, same_host=False
+    ) as c:
+        lm = lazy(c, tag, 1.0)
+        with torch.no_grad():
+            want = ref(PROMPT).logits
+            assert torch.equal(lm.model(PROMPT).logits, want)  # everything now cached
+            srv.stop(0).wait()
+            assert torch.equal(lm.model(PROMPT).logits, want)  # cached experts serve on
+            lm.loader.resize(lm.loader.expert_bytes(0, 0))  # evicts: misses from now on
+            assert len(lm.loader.resident()) == 1
+            with pytest.raises(
+                ExpertFetchError,
+                match=r"layer \d expert \d of "
+                r"mixtral-float32@1: .*UNAVAILABLE",
+            ):
+                lm.model(PROMPT)
+        assert c.stats.retries >= 1
+        lm.close()
+
+
+def test_corrupt_expert_is_never_used(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    tag = "qwen3_moe-float32"
+    store = Store(tmp_path / "s")
+    import_checkpoint(store, checkpoints[tag].path, tag)
+    path = store.blob_path(store.get_manifest(tag).shards["layers.0.experts.1"].digest)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
+    )
+    srv.start()
+    try:
+        with ParamClient(f"127.0.0.1:{port}", same_host=True) as c:
+            loader = LazyExpertLoader.for_model(c, tag, budget_bytes=10**9)
+            with pytest.raises(ExpertFetchError, match="layer 0 expert 1 .*DATA_LOSS"):
+                with loader.acquire(0, [0, 1]):
+                    pass
+            assert loader.resident() == set() and loader.stats().resident_bytes == 0
+            with loader.acquire(0, [0]):  # the healthy one still loads
+                pass
+            loader.close()
+    finally:
+        srv.stop(0)
