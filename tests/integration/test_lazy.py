@@ -219,8 +219,8 @@ def test_config_that_does_not_match_the_weights(
             with pytest.raises(
                 InvalidInputError,
                 match=(
-                    r"tensor 'model\.layers\.0\.mlp\.experts\.0\.\w+_proj\.weight' makes "
-                    r"gate_up_proj of shape \[32, 32\] but the model built from "
+                    r"tensor 'model\.layers\.0\.mlp\.experts\.0\.\w+_proj\.weight' "
+                    r"makes gate_up_proj of shape \[32, 32\] but the model built from "
                     r"config\.json expects \[48, 32\]"
                 ),
             ):
@@ -232,8 +232,8 @@ def test_config_that_does_not_match_the_weights(
             with pytest.raises(
                 InvalidInputError,
                 match=(
-                    r"tensor 'model\.layers\.0\.self_attn\.k_norm\.weight' has shape \[8\] "
-                    r"but the model built from config\.json expects \[16\]"
+                    r"tensor 'model\.layers\.0\.self_attn\.k_norm\.weight' has shape "
+                    r"\[8\] but the model built from config\.json expects \[16\]"
                 ),
             ):
                 load_lazy_model(c, "qwen3_moe-float32", budget_bytes=10**9)
@@ -255,9 +255,11 @@ def test_server_unreachable_at_boot() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with ParamClient(f"127.0.0.1:{port}", retries=2, backoff=0.01) as c:
-        with pytest.raises(UnavailableError, match="UNAVAILABLE"):
-            load_lazy_model(c, "m", budget_bytes=10**9)
+    with (
+        ParamClient(f"127.0.0.1:{port}", retries=2, backoff=0.01) as c,
+        pytest.raises(UnavailableError, match="UNAVAILABLE"),
+    ):
+        load_lazy_model(c, "m", budget_bytes=10**9)
 
 
 def test_server_gone_mid_serving(
@@ -308,9 +310,11 @@ def test_corrupt_expert_is_never_used(
     try:
         with ParamClient(f"127.0.0.1:{port}", same_host=True) as c:
             loader = LazyExpertLoader.for_model(c, tag, budget_bytes=10**9)
-            with pytest.raises(ExpertFetchError, match="layer 0 expert 1 .*DATA_LOSS"):
-                with loader.acquire(0, [0, 1]):
-                    pass
+            with (
+                pytest.raises(ExpertFetchError, match=r"layer 0 expert 1 .*DATA_LOSS"),
+                loader.acquire(0, [0, 1]),
+            ):
+                pass
             assert loader.resident() == set() and loader.stats().resident_bytes == 0
             with loader.acquire(0, [0]):  # the healthy one still loads
                 pass
