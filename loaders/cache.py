@@ -22,8 +22,18 @@ from param_server.manifest import Manifest
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
-Prepare = Callable[[int, int, Tensors], Tensors]
-"""(layer, expert, tensors as stored) -> tensors as the model uses them."""
+Prepare = Callable[[int, int, Tensors, bool], Tensors]
+"""(layer, expert, tensors as stored, pin) -> tensors as the model uses them, in
+their own CPU storage (page-locked when `pin`, ready for an async copy)."""
+
+
+def own_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """`t` copied into fresh (optionally page-locked) CPU memory."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t)
+
+
+def _keep(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
+    return {n: own_copy(t, pin) for n, t in tensors.items()}
 
 
 class ExpertFetchError(ParamServerError):
@@ -59,6 +69,8 @@ class _Entry:
     nbytes: int
     refs: int = 0
     pinned: bool = False
+    ready: torch.cuda.Event | None = None
+    """Recorded on the copy stream after the host-to-device copy (CUDA only)."""
 
 
 @dataclass(slots=True)
@@ -120,7 +132,12 @@ class LazyExpertLoader:
         self.manifest = manifest
         self.budget_bytes = budget_bytes
         self.device = torch.device(device)
-        self._prepare = prepare or (lambda layer, expert, t: t)
+        self._prepare = prepare or _keep
+        self._cuda = self.device.type == "cuda"
+        # Host-to-device copies run here, never on the compute stream.
+        self._copy_stream = (
+            torch.cuda.Stream(self.device) if self._cuda else None  # type: ignore[no-untyped-call]
+        )
         self._lock = threading.Condition()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
         self._flights: dict[str, _Flight] = {}
@@ -188,6 +205,7 @@ class LazyExpertLoader:
                     with contextlib.suppress(ExpertFetchError):
                         fut.result()  # their failure is retried (and reported) by us
                 pending = {e: i for e, i in pending.items() if e not in held}
+            self._ready_for_use([ids[e][1] for e in held])
             yield held
         finally:
             self._release([ids[e][1] for e in held])
@@ -225,15 +243,15 @@ class LazyExpertLoader:
         keys = {key: (e, digest, size) for e, (key, digest, size) in mine.items()}
         try:
             blobs = self.client.fetch_blobs(self.manifest, list(keys))
-            prepared = {}
+            prepared: dict[str, tuple[Tensors, torch.cuda.Event | None]] = {}
             for key, buf in blobs.items():
                 e = keys[key][0]
                 raw = tensor_codec.decode(buf, f"{self.manifest.model}:{key}")
-                # Own storage on the target device: never keep the blob alive.
-                ts = self._prepare(layer, e, raw)
-                prepared[key] = {
-                    n: t.to(self.device, copy=True).contiguous() for n, t in ts.items()
-                }
+                # Own storage (never a view keeping the blob alive); on CUDA it
+                # is page-locked so the copy below is an async DMA.
+                prepared[key] = self._to_device(
+                    self._prepare(layer, e, raw, self._cuda)
+                )
         except (ParamServerError, RuntimeError, ValueError) as err:
             with self._lock:
                 for _, digest, size in keys.values():
@@ -250,16 +268,46 @@ class LazyExpertLoader:
         dt = time.perf_counter() - t0
         with self._lock:
             for key, (_, digest, size) in keys.items():
-                ts = prepared[key]
+                ts, ready = prepared[key]
                 nbytes = sum(t.numel() * t.element_size() for t in ts.values())
-                self._entries[digest] = _Entry(ts, nbytes, refs=1)
+                self._entries[digest] = _Entry(ts, nbytes, refs=1, ready=ready)
                 self._resident += nbytes - size
                 self._flights.pop(digest).done.set_result(None)
                 self._stats.bytes_fetched += size
             self._stats.fetches += 1
             self._latencies.extend([dt] * len(keys))
             self._lock.notify_all()
-        return {e: prepared[key] for key, (e, _, _) in keys.items()}
+        return {e: prepared[key][0] for key, (e, _, _) in keys.items()}
+
+    def _to_device(self, ts: Tensors) -> tuple[Tensors, torch.cuda.Event | None]:
+        if not self._cuda:
+            return ts, None
+        assert self._copy_stream is not None
+        with torch.cuda.stream(self._copy_stream):
+            out = {n: t.to(self.device, non_blocking=True) for n, t in ts.items()}
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record(self._copy_stream)
+        # The pinned host buffers may be dropped now: PyTorch's host allocator
+        # keeps them until the copy that reads them has finished.
+        return out, ready
+
+    def _ready_for_use(self, digests: list[str]) -> None:
+        """Makes the current (compute) stream wait for these experts' copies.
+
+        The CPU never blocks; the compute stream waits only for an expert it
+        is about to use. record_stream stops the allocator from reusing an
+        evicted expert's memory while queued kernels may still read it.
+        """
+        if not self._cuda:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        with self._lock:
+            entries = [self._entries[d] for d in digests if d in self._entries]
+        for entry in entries:
+            if entry.ready is not None:
+                stream.wait_event(entry.ready)
+            for t in entry.tensors.values():
+                t.record_stream(stream)
 
     def _make_room(self, size: int) -> None:
         """Evicts unheld, unpinned experts (LRU first) until `size` fits. Holds lock."""

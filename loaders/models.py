@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loaders.cache import LazyExpertLoader, Tensors
+from loaders.cache import LazyExpertLoader, Tensors, own_copy
 from loaders.client import ParamClient
 from param_server import tensor_codec
 from param_server.errors import InvalidInputError
@@ -81,7 +81,7 @@ def family_for(model_type: str) -> LazyFamily:
 def _prepare_for(family: LazyFamily, shapes: dict[str, tuple[int, ...]], model: str):  # type: ignore[no-untyped-def]
     """A Prepare that builds the fused per-expert tensors the module expects."""
 
-    def prepare(layer: int, expert: int, tensors: Tensors) -> Tensors:
+    def prepare(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
         by_suffix = {}
         for name, t in tensors.items():
             m = _EXPERT_NAME.fullmatch(name)
@@ -89,7 +89,7 @@ def _prepare_for(family: LazyFamily, shapes: dict[str, tuple[int, ...]], model: 
         out = {}
         for param, parts in family.params:
             if param in by_suffix:  # stored fused ([E, ...] split per expert)
-                t = by_suffix[param]
+                t = own_copy(by_suffix[param], pin)
             else:
                 missing = [p for p in parts if p not in by_suffix]
                 if missing:
@@ -97,7 +97,10 @@ def _prepare_for(family: LazyFamily, shapes: dict[str, tuple[int, ...]], model: 
                         f"{model} layer {layer} expert {expert}: no tensor ending in "
                         f"{missing[0]!r} (have {sorted(by_suffix)})"
                     )
-                t = torch.cat([by_suffix[p] for p in parts], dim=0)
+                src = [by_suffix[p] for p in parts]
+                shape = (sum(s.shape[0] for s in src), *src[0].shape[1:])
+                t = torch.empty(shape, dtype=src[0].dtype, pin_memory=pin)
+                torch.cat(src, dim=0, out=t)
             if tuple(t.shape) != shapes[param]:
                 raise InvalidInputError(
                     f"{model} layer {layer} expert {expert}: tensor {param!r} has "
