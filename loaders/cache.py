@@ -7,9 +7,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -34,6 +35,40 @@ def own_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
 
 def _keep(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
     return {n: own_copy(t, pin) for n, t in tensors.items()}
+
+
+class EvictionPolicy(Protocol):
+    """Chooses which resident experts go first when room is needed.
+
+    Called with the loader's lock held; keys are content digests. The loader
+    skips candidates that are in use or pinned.
+    """
+
+    def used(self, key: str) -> None: ...
+    def added(self, key: str) -> None: ...
+    def removed(self, key: str) -> None: ...
+    def victims(self) -> Iterable[str]:
+        """Resident keys, first to evict first."""
+        ...
+
+
+class LRUPolicy:
+    """Least recently used first (the default)."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[str, None] = OrderedDict()
+
+    def used(self, key: str) -> None:
+        self._order.move_to_end(key)
+
+    def added(self, key: str) -> None:
+        self._order[key] = None
+
+    def removed(self, key: str) -> None:
+        self._order.pop(key, None)
+
+    def victims(self) -> Iterable[str]:
+        return list(self._order)
 
 
 class ExpertFetchError(ParamServerError):
@@ -85,8 +120,9 @@ class LazyExpertLoader:
     """Brings experts of one model version from a param-server on demand.
 
     Resident experts are bounded in bytes (`budget_bytes`, counting experts
-    being fetched); the least recently used expert that no forward pass holds
-    and nobody pinned is evicted first. Entries are keyed by content digest,
+    being fetched); the expert the eviction policy names first (by default the
+    least recently used) that no forward pass holds and nobody pinned is
+    evicted first. Entries are keyed by content digest,
     so a new version of an expert is a new entry and an unchanged one is
     shared across versions.
 
@@ -99,6 +135,7 @@ class LazyExpertLoader:
         prepare: turns a shard's tensors into what the model uses (for
             example gate and up concatenated); the default keeps them.
         prefetch_workers: threads that warm experts ahead of use.
+        policy: eviction order (LRUPolicy by default).
 
     Raises:
         InvalidInputError: a budget of zero, negative or below one expert.
@@ -113,6 +150,7 @@ class LazyExpertLoader:
         device: str | torch.device = "cpu",
         prepare: Prepare | None = None,
         prefetch_workers: int = 1,
+        policy: EvictionPolicy | None = None,
     ) -> None:
         if budget_bytes <= 0:
             raise InvalidInputError(
@@ -139,7 +177,8 @@ class LazyExpertLoader:
             torch.cuda.Stream(self.device) if self._cuda else None  # type: ignore[no-untyped-call]
         )
         self._lock = threading.Condition()
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
+        self._entries: dict[str, _Entry] = {}
+        self._policy: EvictionPolicy = policy or LRUPolicy()
         self._flights: dict[str, _Flight] = {}
         self._resident = 0  # bytes of entries plus reservations of flights
         self._stats = CacheStats()
@@ -221,7 +260,7 @@ class LazyExpertLoader:
                 entry = self._entries.get(digest)
                 if entry is not None:
                     entry.refs += 1
-                    self._entries.move_to_end(digest)
+                    self._policy.used(digest)
                     held[e] = entry.tensors
                     self._stats.hits += 1
                 elif digest in self._flights:
@@ -271,6 +310,7 @@ class LazyExpertLoader:
                 ts, ready = prepared[key]
                 nbytes = sum(t.numel() * t.element_size() for t in ts.values())
                 self._entries[digest] = _Entry(ts, nbytes, refs=1, ready=ready)
+                self._policy.added(digest)
                 self._resident += nbytes - size
                 self._flights.pop(digest).done.set_result(None)
                 self._stats.bytes_fetched += size
@@ -310,14 +350,18 @@ class LazyExpertLoader:
                 t.record_stream(stream)
 
     def _make_room(self, size: int) -> None:
-        """Evicts unheld, unpinned experts (LRU first) until `size` fits. Holds lock."""
+        """Evicts unheld, unpinned experts in policy order until `size` fits.
+
+        Needs the lock.
+        """
         if self._resident + size <= self.budget_bytes:
             return
-        for digest in list(self._entries):
-            entry = self._entries[digest]
-            if entry.refs or entry.pinned:
+        for digest in self._policy.victims():
+            entry = self._entries.get(digest)
+            if entry is None or entry.refs or entry.pinned:
                 continue
             del self._entries[digest]
+            self._policy.removed(digest)
             self._resident -= entry.nbytes
             self._stats.evictions += 1
             if self._resident + size <= self.budget_bytes:
@@ -405,7 +449,7 @@ class LazyExpertLoader:
                 self._entries[self._digest(layer, e)[1]].pinned = pinned
 
     def resize(self, budget_bytes: int) -> None:
-        """Changes the budget; shrinking evicts (LRU first) what no one holds."""
+        """Changes the budget; shrinking evicts (policy order) what no one holds."""
         largest = max(
             s.size for k, s in self.manifest.shards.items() if ".experts." in k
         )
@@ -428,6 +472,12 @@ class LazyExpertLoader:
                 _, layer, _, expert = key.split(".")
                 out.add((int(layer), int(expert)))
         return out
+
+    def reset_stats(self) -> None:
+        """Zeroes the counters (the peak restarts from what is resident now)."""
+        with self._lock:
+            self._stats = CacheStats(peak_resident_bytes=self._resident)
+            self._latencies.clear()
 
     def stats(self) -> CacheStats:
         """A consistent snapshot of the counters (cheap: a lock and a copy)."""

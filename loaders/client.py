@@ -21,6 +21,7 @@ import grpc
 import torch
 from tqdm import tqdm
 
+from loaders.disk_cache import DiskBlobCache
 from param_server import tensor_codec
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
@@ -77,6 +78,8 @@ class FetchStats:
     blobs_mapped: int = 0
     retries: int = 0
     digest_failures: int = 0
+    blobs_from_disk: int = 0
+    bytes_from_disk: int = 0
 
 
 class ParamClient:
@@ -94,6 +97,9 @@ class ParamClient:
             of several shards.
         same_host: map blob files directly when the server's store is on
             this machine's file system (verified once per blob, zero-copy).
+        disk_cache: keep fetched blobs on local disk (see DiskBlobCache) and
+            use them before asking the server, so a restarted node warms
+            from disk.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class ParamClient:
         backoff: float = 0.1,
         streams: int = 4,
         same_host: bool = True,
+        disk_cache: DiskBlobCache | None = None,
     ) -> None:
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
@@ -159,6 +166,7 @@ class ParamClient:
             for _ in range(streams)
         ]
         self._same_host = same_host
+        self._disk = disk_cache
         self._blob_root: Path | None = None
         self._local_checked = False
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -319,13 +327,23 @@ class ParamClient:
         for (k, (digest, size, is_file)), local in zip(
             wanted.items(), mapped, strict=True
         ):
+            if local is None and self._disk is not None:
+                local = self._disk.get(digest, size)
+                if local is not None:
+                    with self._stats_lock:
+                        self.stats.blobs_from_disk += 1
+                        self.stats.bytes_from_disk += size
             if local is not None:
                 out[k] = local
                 tick(size)
             else:
                 remote[k] = (digest, size, is_file)
         if remote:
-            out.update(self._fetch_remote(manifest, remote, tick))
+            fetched = self._fetch_remote(manifest, remote, tick)
+            if self._disk is not None:
+                for k, buf in fetched.items():
+                    self._disk.put(remote[k][0], buf)  # verified on receipt
+            out.update(fetched)
         return out
 
     def fetch_shards(

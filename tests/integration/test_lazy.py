@@ -321,3 +321,32 @@ def test_corrupt_expert_is_never_used(
             loader.close()
     finally:
         srv.stop(0)
+
+
+def test_eviction_policy_is_pluggable(client: ParamClient) -> None:
+    class MostRecentFirst:
+        def __init__(self) -> None:
+            self.order: list[str] = []
+
+        def used(self, key: str) -> None:
+            self.order.remove(key)
+            self.order.append(key)
+
+        def added(self, key: str) -> None:
+            self.order.append(key)
+
+        def removed(self, key: str) -> None:
+            self.order.remove(key)
+
+        def victims(self) -> list[str]:
+            return self.order[::-1]
+
+    _, largest = expert_sizes(client, "mixtral-float32")
+    loader = LazyExpertLoader.for_model(
+        client, "mixtral-float32", budget_bytes=2 * largest, policy=MostRecentFirst()
+    )
+    for e in (0, 1, 2):
+        with loader.acquire(0, [e]):
+            pass
+    assert loader.resident() == {(0, 0), (0, 2)}  # 1, the most recent, went first
+    loader.close()
