@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import random
 import threading
 import time
@@ -21,7 +20,7 @@ import grpc
 import torch
 from tqdm import tqdm
 
-from loaders.disk_cache import DiskBlobCache
+from loaders.disk_cache import DiskBlobCache, VerifiedMapper
 from param_server import tensor_codec
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
@@ -169,7 +168,7 @@ class ParamClient:
         self._disk = disk_cache
         self._blob_root: Path | None = None
         self._local_checked = False
-        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._mapper = VerifiedMapper()
         self._lock = threading.Lock()
 
     @classmethod
@@ -541,32 +540,17 @@ class ParamClient:
     def _map_local(self, digest: str, size: int) -> mmap.mmap | None:
         """The blob mapped copy-on-write from the shared store, verified; or None."""
         root = self._local_root()
-        if root is None or size == 0:
+        if root is None:
             return None
-        path = root / digest[:2] / digest
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None  # collected or unreadable: stream it instead
-        try:
-            st = os.fstat(fd)
-            if st.st_size != size:
-                return None
-            mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-        finally:
-            os.close(fd)
-        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-        if self._verified.get(digest) != sig:
-            if hashlib.sha256(mm).hexdigest() != digest:
-                logger.warning(
-                    "local blob %s failed its digest; streaming instead", digest
-                )
-                mm.close()
-                return None
-            self._verified[digest] = sig
-        with self._stats_lock:
-            self.stats.bytes_mapped += size
-            self.stats.blobs_mapped += 1
+            mm = self._mapper.map(root / digest[:2] / digest, digest, size)
+        except IntegrityError as e:
+            logger.warning("local blob failed its digest (%s); streaming instead", e)
+            return None
+        if mm is not None:
+            with self._stats_lock:
+                self.stats.bytes_mapped += size
+                self.stats.blobs_mapped += 1
         return mm
 
     # --- writing ---------------------------------------------------------------

@@ -11,9 +11,61 @@ import threading
 import uuid
 from pathlib import Path
 
+from param_server.errors import IntegrityError
 from param_server.names import check_digest
 
 logger = logging.getLogger(__name__)
+
+
+class VerifiedMapper:
+    """Maps blob files copy-on-write and checks each against its digest once.
+
+    A file is re-hashed only when its size, mtime or inode changed since this
+    mapper last verified it.
+    """
+
+    def __init__(self) -> None:
+        self._verified: dict[str, tuple[int, int, int]] = {}
+
+    def forget(self, digest: str) -> None:
+        self._verified.pop(digest, None)
+
+    def map(self, path: Path, digest: str, size: int) -> mmap.mmap | None:
+        """The file mapped, if it exists with `size` bytes hashing to `digest`.
+
+        Returns None when it is missing, unreadable or of another size.
+
+        Raises:
+            IntegrityError: its bytes do not hash to `digest`.
+        """
+        if size == 0:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != size:
+                return None
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if self._verified.get(digest) != sig:
+            actual = hashlib.sha256(mm).hexdigest()
+            if actual != digest:
+                mm.close()
+                raise IntegrityError(f"{path} hashes to {actual}, not {digest}")
+            self._verified[digest] = sig
+        return mm
+
+    def touched(self, path: Path, digest: str) -> None:
+        """Records a file's new mtime after the owner touched it on purpose."""
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if digest in self._verified:
+                self._verified[digest] = (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class DiskBlobCache:
@@ -37,7 +89,7 @@ class DiskBlobCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._verified: dict[str, tuple[int, int, int]] = {}
+        self._mapper = VerifiedMapper()
         self._bytes = sum(p.stat().st_size for p in self._files())
 
     def _files(self) -> list[Path]:
@@ -61,33 +113,19 @@ class DiskBlobCache:
         """The blob mapped copy-on-write, verified; None when absent or corrupt."""
         path = self._path(digest)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if st.st_size != size or size == 0:
-                mm = None
-            else:
-                mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-        finally:
-            os.close(fd)
-        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
-        if mm is not None and self._verified.get(digest) != sig:
-            if hashlib.sha256(mm).hexdigest() != digest:
-                mm.close()
-                mm = None
-            else:
-                self._verified[digest] = sig
+            mm = self._mapper.map(path, digest, size)
+        except IntegrityError:
+            mm = None
         if mm is None:
-            logger.warning(
-                "disk cache: %s is corrupt or truncated; dropping it", digest
-            )
-            self._remove(path)
+            if path.exists():
+                logger.warning(
+                    "disk cache: %s is corrupt or truncated; dropping it", digest
+                )
+                self._remove(path)
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # mtime orders eviction: used now
-            self._verified[digest] = (st.st_size, path.stat().st_mtime_ns, st.st_ino)
+        self._mapper.touched(path, digest)
         return mm
 
     def put(
@@ -137,5 +175,5 @@ class DiskBlobCache:
             return 0
         with self._lock:
             self._bytes -= n
-        self._verified.pop(path.name, None)
+        self._mapper.forget(path.name)
         return n

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -20,17 +22,27 @@ pytestmark = pytest.mark.integration
 TAG = "mixtral-float32"
 
 
-def test_restarted_node_warms_from_disk_without_the_server(
+@pytest.fixture
+def served(
     checkpoints: dict[str, Checkpoint], tmp_path: Path
-) -> None:
+) -> Iterator[tuple[grpc.Server, str]]:
+    """A real server on port 0 whose store holds the tiny Mixtral."""
     import_checkpoint(Store(tmp_path / "s"), checkpoints[TAG].path, TAG)
     srv, port, _ = create_server(
         ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
     )
     srv.start()
+    yield srv, f"127.0.0.1:{port}"
+    srv.stop(0)
+
+
+def test_restarted_node_warms_from_disk_without_the_server(
+    served: tuple[grpc.Server, str], tmp_path: Path
+) -> None:
+    srv, target = served
     cache_dir = tmp_path / "node-cache"
     with ParamClient(
-        f"127.0.0.1:{port}", same_host=False, disk_cache=DiskBlobCache(cache_dir, 10**9)
+        target, same_host=False, disk_cache=DiskBlobCache(cache_dir, 10**9)
     ) as c:
         manifest = c.get_manifest(TAG)
         loader = LazyExpertLoader(c, manifest, budget_bytes=10**9)
@@ -40,10 +52,7 @@ def test_restarted_node_warms_from_disk_without_the_server(
         loader.close()
     srv.stop(0).wait()  # the server is gone; the node restarts
     with ParamClient(
-        f"127.0.0.1:{port}",
-        same_host=False,
-        retries=0,
-        disk_cache=DiskBlobCache(cache_dir, 10**9),
+        target, same_host=False, retries=0, disk_cache=DiskBlobCache(cache_dir, 10**9)
     ) as c:
         loader = LazyExpertLoader(c, manifest, budget_bytes=10**9)
         with loader.acquire(0, [0, 1, 2, 3]) as again:
@@ -54,30 +63,23 @@ def test_restarted_node_warms_from_disk_without_the_server(
 
 
 def test_corrupt_cached_blob_is_dropped_and_refetched(
-    checkpoints: dict[str, Checkpoint], tmp_path: Path
+    served: tuple[grpc.Server, str], tmp_path: Path
 ) -> None:
-    import_checkpoint(Store(tmp_path / "s"), checkpoints[TAG].path, TAG)
-    srv, port, _ = create_server(
-        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
-    )
-    srv.start()
-    try:
-        disk = DiskBlobCache(tmp_path / "c", 10**9)
-        with ParamClient(f"127.0.0.1:{port}", same_host=False, disk_cache=disk) as c:
-            m = c.get_manifest(TAG)
-            key = "layers.1.experts.2"
-            good = bytes(c.fetch_blobs(m, [key])[key])
-            cached = tmp_path / "c" / m.shards[key].digest[:2] / m.shards[key].digest
-            data = bytearray(cached.read_bytes())
-            data[-1] ^= 1
-            cached.write_bytes(bytes(data))
-        fresh = DiskBlobCache(tmp_path / "c", 10**9)  # a restarted node
-        with ParamClient(f"127.0.0.1:{port}", same_host=False, disk_cache=fresh) as c:
-            assert bytes(c.fetch_blobs(m, [key])[key]) == good
-            assert c.stats.blobs_from_disk == 0 and c.stats.blobs_streamed == 1
-        assert cached.read_bytes() == good  # replaced by the verified copy
-    finally:
-        srv.stop(0)
+    _, target = served
+    disk = DiskBlobCache(tmp_path / "c", 10**9)
+    with ParamClient(target, same_host=False, disk_cache=disk) as c:
+        m = c.get_manifest(TAG)
+        key = "layers.1.experts.2"
+        good = bytes(c.fetch_blobs(m, [key])[key])
+        cached = tmp_path / "c" / m.shards[key].digest[:2] / m.shards[key].digest
+        data = bytearray(cached.read_bytes())
+        data[-1] ^= 1
+        cached.write_bytes(bytes(data))
+    fresh = DiskBlobCache(tmp_path / "c", 10**9)  # a restarted node
+    with ParamClient(target, same_host=False, disk_cache=fresh) as c:
+        assert bytes(c.fetch_blobs(m, [key])[key]) == good
+        assert c.stats.blobs_from_disk == 0 and c.stats.blobs_streamed == 1
+    assert cached.read_bytes() == good  # replaced by the verified copy
 
 
 def test_size_bound_evicts_least_recently_used(tmp_path: Path) -> None:
