@@ -162,10 +162,13 @@ class LazyModel:
         self.loader.close()
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    found: nn.Module | None = module
     for part in path.split("."):
-        module = getattr(module, part)
-    return module
+        found = getattr(found, part, None)
+        if found is None:
+            return None
+    return found
 
 
 def load_lazy_model(
@@ -204,10 +207,14 @@ def load_lazy_model(
     with no_init_weights():  # allocations stay untouched until dropped or loaded
         net = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     net.eval()
-    layers = net.model.layers
+    # Layers with a dense MLP instead (DeepSeek-V3's first layers) have none.
+    moe_layers = {
+        i: experts
+        for i, layer in enumerate(net.model.layers)
+        if (experts := _get(layer, family.experts_path)) is not None
+    }
     shapes: dict[str, tuple[int, ...]] = {}
-    for layer in layers:
-        experts = _get(layer, family.experts_path)
+    for experts in moe_layers.values():
         for param, _ in family.params:
             shapes[param] = tuple(getattr(experts, param).shape[1:])
             delattr(experts, param)  # never touched, so never resident
@@ -219,8 +226,7 @@ def load_lazy_model(
         device=device,
         prepare=_prepare_for(family, shapes, model),
     )
-    for i, layer in enumerate(layers):
-        experts = _get(layer, family.experts_path)
+    for i, experts in moe_layers.items():
         # Plain attributes (not submodules): what lazy_experts_forward reads.
         experts.__dict__["_lazy_loader"] = loader
         experts.__dict__["_lazy_layer"] = i

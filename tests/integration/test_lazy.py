@@ -350,3 +350,69 @@ def test_eviction_policy_is_pluggable(client: ParamClient) -> None:
             pass
     assert loader.resident() == {(0, 0), (0, 2)}  # 1, the most recent, went first
     loader.close()
+
+
+def _table_family(model_type: str):  # type: ignore[no-untyped-def]
+    from transformers import DeepseekV3Config, OlmoeConfig, Qwen2MoeConfig
+
+    common = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_experts_per_tok": 2,
+    }
+    if model_type == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **common,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_key_value_heads=2,
+            num_experts=4,
+        )
+    if model_type == "olmoe":
+        return OlmoeConfig(
+            **common, intermediate_size=16, num_key_value_heads=2, num_experts=4
+        )
+    # DeepSeek-V3: a dense first layer, MLA attention, one shared expert.
+    return DeepseekV3Config(
+        **{**common, "num_hidden_layers": 3},
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    )
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "olmoe", "deepseek_v3"])
+def test_other_table_families_equal_eager(tmp_path: Path, model_type: str) -> None:
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_table_family(model_type)).save_pretrained(
+        tmp_path / "ckpt"
+    )
+    import_checkpoint(Store(tmp_path / "s"), tmp_path / "ckpt", model_type)
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
+    )
+    srv.start()
+    try:
+        with ParamClient(f"127.0.0.1:{port}") as c:
+            lm = lazy(c, model_type, 0.25)
+            with torch.no_grad():
+                assert torch.equal(
+                    eager(tmp_path / "ckpt")(PROMPT).logits, lm.model(PROMPT).logits
+                )
+            assert lm.loader.stats().evictions > 0
+            lm.close()
+    finally:
+        srv.stop(0)
