@@ -16,6 +16,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -66,6 +67,17 @@ FAMILIES: tuple[LazyFamily, ...] = (
     ),
 )
 _EXPERT_NAME = re.compile(r".*\.experts\.(?:\d+\.)?(?P<suffix>[A-Za-z0-9_.]+)")
+T = TypeVar("T")
+
+
+def by_expert_suffix(named: dict[str, T]) -> dict[str, T]:
+    """Re-keys an expert shard's entries by what follows `.experts.{E}.`
+    (`w1.weight`, `gate_proj.weight`) or `.experts.` (fused: `gate_up_proj`)."""
+    out = {}
+    for name, value in named.items():
+        m = _EXPERT_NAME.fullmatch(name)
+        out[m.group("suffix") if m else name] = value
+    return out
 
 
 def family_for(model_type: str) -> LazyFamily:
@@ -82,10 +94,7 @@ def _prepare_for(family: LazyFamily, shapes: dict[str, tuple[int, ...]], model: 
     """A Prepare that builds the fused per-expert tensors the module expects."""
 
     def prepare(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
-        by_suffix = {}
-        for name, t in tensors.items():
-            m = _EXPERT_NAME.fullmatch(name)
-            by_suffix[m.group("suffix") if m else name] = t
+        by_suffix = by_expert_suffix(tensors)
         out = {}
         for param, parts in family.params:
             if param in by_suffix:  # stored fused ([E, ...] split per expert)
@@ -253,10 +262,7 @@ def _check_expert_shapes(
     for key, shard in sorted(manifest.shards.items()):
         if ".experts." not in key:
             continue
-        by_suffix = {}
-        for t in shard.tensors:
-            m = _EXPERT_NAME.fullmatch(t.name)
-            by_suffix[m.group("suffix") if m else t.name] = t
+        by_suffix = by_expert_suffix({t.name: t for t in shard.tensors})
         for param, parts in family.params:
             if param in by_suffix:
                 first, shape = by_suffix[param], by_suffix[param].shape

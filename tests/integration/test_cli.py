@@ -90,29 +90,10 @@ def test_admin_flow_offline_and_through_the_daemon(
     d, store = daemon
     target = d.target
     src = checkpoints["qwen3_moe-bfloat16"].path
-    p = cli(
-        "import",
-        str(src),
-        "--model",
-        "q",
-        "--store",
-        str(store),
-        "--no-progress",
-        "--message",
-        "first",
-        check=True,
-    )
+    imp = ["import", str(src), "--model", "q", "--store", str(store), "--no-progress"]
+    p = cli(*imp, "--message", "first", check=True)
     assert "q@1:" in p.stdout and "new blobs" in p.stdout
-    cli(
-        "import",
-        str(src),
-        "--model",
-        "q",
-        "--store",
-        str(store),
-        "--no-progress",
-        check=True,
-    )
+    cli(*imp, check=True)
     rows = json.loads(
         cli("versions", "q", "--server", target, "--json", check=True).stdout
     )
