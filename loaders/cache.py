@@ -180,6 +180,7 @@ class LazyExpertLoader:
         self._entries: dict[str, _Entry] = {}
         self._policy: EvictionPolicy = policy or LRUPolicy()
         self._flights: dict[str, _Flight] = {}
+        self._pinned_keys: set[tuple[int, int]] = set()
         self._resident = 0  # bytes of entries plus reservations of flights
         self._stats = CacheStats()
         self._latencies: deque[float] = deque(maxlen=4096)
@@ -203,13 +204,16 @@ class LazyExpertLoader:
 
     # --- identity --------------------------------------------------------------
 
-    def _digest(self, layer: int, expert: int) -> tuple[str, str, int]:
+    def _digest(
+        self, layer: int, expert: int, manifest: Manifest | None = None
+    ) -> tuple[str, str, int]:
+        m = manifest or self.manifest
         key = expert_key(layer, expert)
-        entry = self.manifest.shards.get(key)
+        entry = m.shards.get(key)
         if entry is None:
             raise NotFoundError(
-                f"{self.manifest.model}@{self.manifest.version} has no expert "
-                f"{expert} in layer {layer} (shard {key!r})"
+                f"{m.model}@{m.version} has no expert {expert} in layer {layer} "
+                f"(shard {key!r})"
             )
         return key, entry.digest, entry.size
 
@@ -221,25 +225,33 @@ class LazyExpertLoader:
 
     @contextlib.contextmanager
     def acquire(
-        self, layer: int, experts: Sequence[int]
+        self,
+        layer: int,
+        experts: Sequence[int],
+        *,
+        manifest: Manifest | None = None,
+        count: bool = True,
     ) -> Iterator[dict[int, Tensors]]:
         """Holds `experts` of `layer` resident while the block runs.
 
         Misses are fetched together in one call; an expert another thread is
-        already fetching is waited for, not fetched again.
+        already fetching is waited for, not fetched again. `manifest` (the
+        version being served by default) names which version of each expert;
+        `count` False keeps the call out of the hit and miss counters.
 
         Raises:
             ExpertFetchError: an expert could not be fetched (after the
                 client's retries); it names the expert.
         """
-        ids = {e: self._digest(layer, e) for e in experts}
+        m = manifest or self.manifest
+        ids = {e: self._digest(layer, e, m) for e in experts}
         held: dict[int, Tensors] = {}
         try:
             pending = dict(ids)
             while pending:
-                mine, waits = self._claim(pending, held)
+                mine, waits = self._claim(pending, held, count)
                 if mine:
-                    held.update(self._fetch(layer, mine))  # installed with our ref
+                    held.update(self._fetch(layer, mine, m))  # installed with our ref
                 for fut in waits:
                     with contextlib.suppress(ExpertFetchError):
                         fut.result()  # their failure is retried (and reported) by us
@@ -250,7 +262,10 @@ class LazyExpertLoader:
             self._release([ids[e][1] for e in held])
 
     def _claim(
-        self, pending: dict[int, tuple[str, str, int]], held: dict[int, Tensors]
+        self,
+        pending: dict[int, tuple[str, str, int]],
+        held: dict[int, Tensors],
+        count: bool = True,
     ) -> tuple[dict[int, tuple[str, str, int]], list[Future[None]]]:
         """Takes hits, joins flights, and reserves room for new fetches."""
         mine: dict[int, tuple[str, str, int]] = {}
@@ -262,7 +277,7 @@ class LazyExpertLoader:
                     entry.refs += 1
                     self._policy.used(digest)
                     held[e] = entry.tensors
-                    self._stats.hits += 1
+                    self._stats.hits += count
                 elif digest in self._flights:
                     waits.append(self._flights[digest].done)
                 else:
@@ -271,21 +286,21 @@ class LazyExpertLoader:
                     self._resident += size
                     self._note_peak()
                     mine[e] = (key, digest, size)
-                    self._stats.misses += 1
+                    self._stats.misses += count
         return mine, waits
 
     def _fetch(
-        self, layer: int, mine: dict[int, tuple[str, str, int]]
+        self, layer: int, mine: dict[int, tuple[str, str, int]], manifest: Manifest
     ) -> dict[int, Tensors]:
         """Fetches claimed experts in one call and installs them, one ref held."""
         t0 = time.perf_counter()
         keys = {key: (e, digest, size) for e, (key, digest, size) in mine.items()}
         try:
-            blobs = self.client.fetch_blobs(self.manifest, list(keys))
+            blobs = self.client.fetch_blobs(manifest, list(keys))
             prepared: dict[str, tuple[Tensors, torch.cuda.Event | None]] = {}
             for key, buf in blobs.items():
                 e = keys[key][0]
-                raw = tensor_codec.decode(buf, f"{self.manifest.model}:{key}")
+                raw = tensor_codec.decode(buf, f"{manifest.model}:{key}")
                 # Own storage (never a view keeping the blob alive); on CUDA it
                 # is page-locked so the copy below is an async DMA.
                 prepared[key] = self._to_device(
@@ -301,15 +316,21 @@ class LazyExpertLoader:
                 self._lock.notify_all()
             names = ", ".join(f"layer {layer} expert {e}" for e, _, _ in keys.values())
             raise ExpertFetchError(
-                f"could not bring in {names} of {self.manifest.model}@"
-                f"{self.manifest.version}: {err}"
+                f"could not bring in {names} of {manifest.model}@"
+                f"{manifest.version}: {err}"
             ) from err
         dt = time.perf_counter() - t0
         with self._lock:
-            for key, (_, digest, size) in keys.items():
+            for key, (e, digest, size) in keys.items():
                 ts, ready = prepared[key]
                 nbytes = sum(t.numel() * t.element_size() for t in ts.values())
-                self._entries[digest] = _Entry(ts, nbytes, refs=1, ready=ready)
+                self._entries[digest] = _Entry(
+                    ts,
+                    nbytes,
+                    refs=1,
+                    pinned=(layer, e) in self._pinned_keys,
+                    ready=ready,
+                )
                 self._policy.added(digest)
                 self._resident += nbytes - size
                 self._flights.pop(digest).done.set_result(None)
@@ -443,10 +464,73 @@ class LazyExpertLoader:
         return self._prefetcher.submit(run)
 
     def pin(self, layer: int, experts: Sequence[int], pinned: bool = True) -> None:
-        """Keeps experts resident until unpinned (they count in the budget)."""
+        """Keeps experts resident until unpinned (they count in the budget).
+
+        A pin follows the expert into new versions (see `switch`).
+        """
         with self.acquire(layer, experts) as held, self._lock:
             for e in held:
                 self._entries[self._digest(layer, e)[1]].pinned = pinned
+                if pinned:
+                    self._pinned_keys.add((layer, e))
+                else:
+                    self._pinned_keys.discard((layer, e))
+
+    # --- versions ----------------------------------------------------------------
+
+    def warm(self, manifest: Manifest, experts: Iterable[tuple[int, int]]) -> int:
+        """Brings (layer, expert) pairs of `manifest` in ahead of a switch to it.
+
+        They become ordinary cache entries (keyed by digest, evictable), so
+        the serving version is untouched. Returns the bytes fetched.
+
+        Raises:
+            ExpertFetchError: one could not be fetched or failed its digest.
+        """
+        by_layer: dict[int, list[int]] = {}
+        for layer, e in experts:
+            by_layer.setdefault(layer, []).append(e)
+        before = self._stats.bytes_fetched
+        for layer, es in sorted(by_layer.items()):
+            with self.acquire(layer, es, manifest=manifest, count=False):
+                pass
+        return self._stats.bytes_fetched - before
+
+    def residency(self) -> tuple[set[str], set[tuple[int, int]]]:
+        """(digests resident now, pinned (layer, expert) pairs)."""
+        with self._lock:
+            return set(self._entries), set(self._pinned_keys)
+
+    def switch(self, manifest: Manifest) -> int:
+        """Serves `manifest` from now on; returns how many old entries went.
+
+        Call it only while no forward pass runs (the HotSwapper does). Resident
+        experts of the old version that the new one replaced are dropped at
+        once (no second copy lingers); pins move to the new version's entries.
+        """
+        keep = {s.digest for k, s in manifest.shards.items() if ".experts." in k}
+        old = {
+            s.digest for k, s in self.manifest.shards.items() if ".experts." in k
+        } - keep
+        dropped = 0
+        with self._lock:
+            self.manifest = manifest
+            for layer, e in self._pinned_keys:
+                key = expert_key(layer, e)
+                if key in manifest.shards:
+                    entry = self._entries.get(manifest.shards[key].digest)
+                    if entry is not None:
+                        entry.pinned = True
+            for digest in old:
+                entry = self._entries.get(digest)
+                if entry is None or entry.refs:
+                    continue
+                del self._entries[digest]
+                self._policy.removed(digest)
+                self._resident -= entry.nbytes
+                dropped += 1
+            self._lock.notify_all()
+        return dropped
 
     def resize(self, budget_bytes: int) -> None:
         """Changes the budget; shrinking evicts (policy order) what no one holds."""

@@ -254,6 +254,19 @@ class ParamClient:
         )
         return Manifest.from_proto(r)
 
+    def announce_url(self) -> str | None:
+        """The Redis URL the server announces versions on (None when it does not).
+
+        The password, if any, is not included: give your own URL then.
+        """
+        info: pb.StoreInfo = self._retry(
+            "get store info",
+            lambda: self._stubs[0].GetStoreInfo(
+                pb.GetStoreInfoRequest(), timeout=self.timeout
+            ),
+        )
+        return info.announce_url or None
+
     def list_versions(self, model: str) -> list[VersionInfo]:
         r = self._retry(
             f"versions of {model}",
@@ -522,19 +535,21 @@ class ParamClient:
             return None
         with self._lock:
             if not self._local_checked:
-                self._local_checked = True
                 try:
                     info = self._stubs[0].GetStoreInfo(
                         pb.GetStoreInfoRequest(), timeout=self.timeout
                     )
+                    self._local_checked = True
                     root = Path(info.blob_root)
                     if (root.parent / "STORE_ID").read_text().strip() == info.store_id:
                         self._blob_root = root
                         logger.info(
                             "same-host store at %s: mapping blobs directly", root
                         )
-                except (grpc.RpcError, OSError):
-                    self._blob_root = None
+                except grpc.RpcError:
+                    self._blob_root = None  # asked again next time
+                except OSError:
+                    self._blob_root = None  # not this host's store
             return self._blob_root
 
     def _map_local(self, digest: str, size: int) -> mmap.mmap | None:

@@ -166,6 +166,10 @@ class LazyModel:
     model: nn.Module
     loader: LazyExpertLoader
     manifest: Manifest
+    """The version being served (a HotSwapper moves it)."""
+    family: LazyFamily
+    expert_shapes: dict[str, tuple[int, ...]]
+    """Fused per-expert parameter -> shape the model expects."""
 
     def close(self) -> None:
         self.loader.close()
@@ -227,7 +231,7 @@ def load_lazy_model(
         for param, _ in family.params:
             shapes[param] = tuple(getattr(experts, param).shape[1:])
             delattr(experts, param)  # never touched, so never resident
-    _check_expert_shapes(manifest, family, shapes)
+    check_expert_shapes(manifest, family, shapes)
     loader = LazyExpertLoader(
         client,
         manifest,
@@ -239,7 +243,11 @@ def load_lazy_model(
         # Plain attributes (not submodules): what lazy_experts_forward reads.
         experts.__dict__["_lazy_loader"] = loader
         experts.__dict__["_lazy_layer"] = i
-    _load_dense(client, manifest, net, family, model)
+    state = dense_state(client, manifest, None, family)
+    check_dense(net, state, manifest, complete=True)
+    net.load_state_dict(state, strict=False, assign=True)
+    if getattr(net.config, "tie_word_embeddings", False):
+        net.tie_weights()
     net.to(device)
     net.config._experts_implementation = IMPLEMENTATION
     for module in net.modules():
@@ -252,10 +260,10 @@ def load_lazy_model(
         device,
         budget_bytes,
     )
-    return LazyModel(net, loader, manifest)
+    return LazyModel(net, loader, manifest, family, shapes)
 
 
-def _check_expert_shapes(
+def check_expert_shapes(
     manifest: Manifest, family: LazyFamily, shapes: dict[str, tuple[int, ...]]
 ) -> None:
     """Checks every expert in the manifest against the config, before serving."""
@@ -282,43 +290,63 @@ def _check_expert_shapes(
                 )
 
 
-def _load_dense(
+def dense_state(
     client: ParamClient,
     manifest: Manifest,
-    net: nn.Module,
+    keys: list[str] | None,
     family: LazyFamily,
-    model: str,
-) -> None:
-    keys = [k for k in manifest.shards if ".experts." not in k]
+) -> dict[str, torch.Tensor]:
+    """Module name -> tensor (own storage) of the dense shards `keys` (all when
+    None) of `manifest`."""
+    if keys is None:
+        keys = [k for k in manifest.shards if ".experts." not in k]
     state: dict[str, torch.Tensor] = {}
     for key, buf in client.fetch_blobs(manifest, keys).items():
-        for name, t in tensor_codec.decode(buf, f"{model}:{key}").items():
+        for name, t in tensor_codec.decode(buf, f"{manifest.model}:{key}").items():
             for a, b in family.renames:
                 name = name.replace(a, b)
             state[name] = t.clone()  # own storage; the blob buffer is dropped
+    return state
+
+
+def check_dense(
+    net: nn.Module,
+    state: dict[str, torch.Tensor],
+    manifest: Manifest,
+    *,
+    complete: bool,
+) -> None:
+    """Checks names, shapes (and for a live model, dtypes) against `net`.
+
+    Raises:
+        InvalidInputError: naming the tensor and what was expected.
+    """
+    where = f"{manifest.model}@{manifest.version}"
     expected = dict(net.state_dict())
     for name, t in state.items():
         want = expected.get(name)
         if want is None:
             raise InvalidInputError(
-                f"{model}@{manifest.version}: tensor {name!r} is not in the model "
-                "built from its config.json; the config does not match the weights"
+                f"{where}: tensor {name!r} is not in the model built from its "
+                "config.json; the config does not match the weights"
             )
         if tuple(want.shape) != tuple(t.shape):
             raise InvalidInputError(
-                f"{model}@{manifest.version}: tensor {name!r} has shape "
-                f"{list(t.shape)} but the model built from config.json expects "
-                f"{list(want.shape)}"
+                f"{where}: tensor {name!r} has shape {list(t.shape)} but the model "
+                f"built from config.json expects {list(want.shape)}"
             )
-    missing = sorted(set(expected) - set(state) - _tied(net))
-    if missing:
-        raise InvalidInputError(
-            f"{model}@{manifest.version}: no weights for {missing[:3]} "
-            f"({len(missing)} tensors missing)"
-        )
-    net.load_state_dict(state, strict=False, assign=True)
-    if getattr(net.config, "tie_word_embeddings", False):
-        net.tie_weights()  # type: ignore[operator]
+        if not complete and want.dtype != t.dtype:
+            raise InvalidInputError(
+                f"{where}: tensor {name!r} is {t.dtype} but the live model has "
+                f"{want.dtype}; a dtype change needs a restart of the node"
+            )
+    if complete:
+        missing = sorted(set(expected) - set(state) - _tied(net))
+        if missing:
+            raise InvalidInputError(
+                f"{where}: no weights for {missing[:3]} ({len(missing)} tensors "
+                "missing)"
+            )
 
 
 def _tied(net: nn.Module) -> set[str]:

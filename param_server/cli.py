@@ -44,6 +44,7 @@ class ExitCode(enum.IntEnum):
     STORE_IO = 7
     UNAVAILABLE = 8
     ADDRESS_IN_USE = 10
+    REDIS_MISSING = 11
 
 
 _EXIT: tuple[tuple[type[BaseException], ExitCode], ...] = (
@@ -133,17 +134,45 @@ def main(log_level: str) -> None:
     default=None,
     help="Write the bound port here once serving.",
 )
+@click.option(
+    "--redis",
+    "redis_url",
+    default=None,
+    metavar="URL",
+    envvar="PARAM_SERVER_REDIS",
+    help="Announce versions on this Redis (redis://[user:password@]host:port/db, "
+    "rediss:// for TLS). Default: start a private redis-server on a free "
+    "loopback port.",
+)
+@click.option(
+    "--announce/--no-announce",
+    default=True,
+    show_default=True,
+    help="Publish every new version on Redis pub/sub.",
+)
 @_handle_errors
 def serve(
-    store: Path, listen: str, max_workers: int, grace: float, port_file: Path | None
+    store: Path,
+    listen: str,
+    max_workers: int,
+    grace: float,
+    port_file: Path | None,
+    redis_url: str | None,
+    announce: bool,
 ) -> None:
     """Run the daemon until SIGTERM or Ctrl-C."""
+    from param_server.redis_server import RedisMissingError
     from param_server.service import ServerConfig
     from param_server.service import serve as run
 
     try:
         config = ServerConfig(
-            store=store, listen=listen, max_workers=max_workers, grace_seconds=grace
+            store=store,
+            listen=listen,
+            max_workers=max_workers,
+            grace_seconds=grace,
+            announce=announce,
+            redis_url=redis_url,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
@@ -156,6 +185,9 @@ def serve(
 
     try:
         run(config, on_ready=ready)
+    except RedisMissingError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(ExitCode.REDIS_MISSING)
     except OSError as e:
         click.echo(
             f"error: {e}; pick another --listen address or stop the process using it",

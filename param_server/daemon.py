@@ -53,8 +53,14 @@ def spawn_daemon(
     log_level: str = "warning",
     stderr: int | IO[str] | None = None,
     timeout: float = 60.0,
+    redis_url: str | None = None,
+    announce: bool = True,
+    port: int = 0,
 ) -> DaemonProcess:
-    """Starts `param-server serve --listen 127.0.0.1:0` and waits until it serves.
+    """Starts `param-server serve --listen 127.0.0.1:PORT` and waits until it serves.
+
+    Versions are announced on `redis_url`, or on a private redis-server when
+    None (unless `announce` is off).
 
     Raises:
         UnavailableError: it exited or did not start within `timeout` seconds.
@@ -71,10 +77,14 @@ def spawn_daemon(
         "--store",
         str(store),
         "--listen",
-        "127.0.0.1:0",
+        f"127.0.0.1:{port}",
         "--port-file",
         str(port_file),
     ]
+    if not announce:
+        cmd.append("--no-announce")
+    elif redis_url is not None:
+        cmd += ["--redis", redis_url]
     proc = subprocess.Popen(cmd, stderr=stderr, text=True)
     try:
         deadline = time.monotonic() + timeout

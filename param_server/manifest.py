@@ -75,6 +75,17 @@ class Manifest:
             f.digest for f in self.files.values()
         }
 
+    def diff(self, old: Manifest | None) -> tuple[dict[str, str], tuple[str, ...]]:
+        """(shard key -> digest of shards that are new or differ from `old`,
+        sorted keys of `old` that this version no longer has)."""
+        before = old.shards if old is not None else {}
+        changed = {
+            k: s.digest
+            for k, s in sorted(self.shards.items())
+            if k not in before or before[k].digest != s.digest
+        }
+        return changed, tuple(sorted(set(before) - set(self.shards)))
+
     # --- JSON (on disk) -------------------------------------------------------
 
     def to_json(self) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -19,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from param_server.announce import Announcer, redact
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.errors import (
@@ -28,8 +30,10 @@ from param_server.errors import (
     ParamServerError,
     StaleParentError,
     StoreIOError,
+    UnavailableError,
 )
 from param_server.names import check_model_name, check_shard_key
+from param_server.redis_server import EmbeddedRedis
 from param_server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -77,6 +81,11 @@ class ServerConfig:
     """Largest total size of the blobs one commit may upload."""
     grace_seconds: float = 10.0
     """How long SIGTERM waits for running RPCs before cancelling them."""
+    announce: bool = True
+    """Publish every new version on Redis pub/sub (see param_server.announce)."""
+    redis_url: str | None = None
+    """Redis to announce on; None starts a private redis-server on a free
+    loopback port (when `announce` is on)."""
 
     def __post_init__(self) -> None:
         if self.max_workers < 1:
@@ -171,9 +180,16 @@ def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
 class ParamServerServicer(pb_grpc.ParamServerServicer):
     """Validates each request, calls the store, returns its answer."""
 
-    def __init__(self, store: Store, config: ServerConfig) -> None:
+    def __init__(
+        self, store: Store, config: ServerConfig, announcer: Announcer | None = None
+    ) -> None:
         self.store = store
         self.config = config
+        self.announcer = announcer
+
+    def _announce(self) -> None:
+        if self.announcer is not None:
+            self.announcer.poke()
 
     @_unary
     def ListModels(
@@ -299,6 +315,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
                 metadata=metadata,
                 allow_schema_change=h.allow_schema_change,
             )
+        self._announce()
         return pb.CommitResponse(
             manifest=result.manifest.to_proto(),
             blobs_written=result.blobs_written,
@@ -315,6 +332,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             author=request.author,
             message=request.message,
         )
+        self._announce()
         return pb.RollbackResponse(previous_head=prev, head=head)
 
     @_unary
@@ -342,13 +360,19 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             store_id=self.store.store_id,
             blob_root=str(self.store.blob_root),
             hostname=socket.gethostname(),
+            announce_url=(
+                redact(self.announcer.redis_url) if self.announcer is not None else ""
+            ),
         )
 
 
 def create_server(
-    config: ServerConfig,
+    config: ServerConfig, *, announcer: Announcer | None = None
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds the server (not started) and binds it; returns (server, port, health).
+
+    `announcer` (started and stopped by the caller) is told about every
+    commit and rollback; `serve` makes one from the config.
 
     Raises:
         OSError: the address cannot be bound.
@@ -367,7 +391,7 @@ def create_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    servicer = ParamServerServicer(store, config)
+    servicer = ParamServerServicer(store, config, announcer)
     pb_grpc.add_ParamServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     # FetchShards yields pre-serialised messages: replace the generated handler
     # (registered handlers are a dict, so this one wins) with one whose
@@ -406,8 +430,58 @@ def create_server(
 def serve(
     config: ServerConfig, *, on_ready: Callable[[int], None] | None = None
 ) -> None:
-    """Runs the daemon until SIGTERM or SIGINT, then drains for the grace period."""
-    server, port, health_servicer = create_server(config)
+    """Runs the daemon until SIGTERM or SIGINT, then drains for the grace period.
+
+    Raises:
+        RedisMissingError: announcing with a private Redis, but redis-server
+            is not installed.
+        OSError: the address cannot be bound.
+    """
+    embedded: EmbeddedRedis | None = None
+    announcer: Announcer | None = None
+    url = config.redis_url
+    if config.announce and url is None:
+        embedded = _start_embedded_redis(config.store)
+        url = embedded.url
+    try:
+        if config.announce and url is not None:
+            announcer = Announcer(Store(config.store), url)
+        server, port, health_servicer = create_server(config, announcer=announcer)
+        if announcer is not None:
+            announcer.start()
+            logger.info("announcing versions on %s", redact(announcer.redis_url))
+        _serve(config, server, port, health_servicer, on_ready)
+    finally:
+        if announcer is not None:
+            announcer.stop()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _start_embedded_redis(store: Path) -> EmbeddedRedis:
+    """A private Redis, on the port it had last time when that is free, so
+    nodes subscribed before a daemon restart find it again."""
+    hint = Path(store) / "REDIS_PORT"
+    try:
+        port = int(hint.read_text())
+    except (OSError, ValueError):
+        port = 0
+    try:
+        embedded = EmbeddedRedis(port=port).start()
+    except UnavailableError:
+        embedded = EmbeddedRedis().start()
+    with contextlib.suppress(OSError):
+        hint.write_text(str(embedded.port))
+    return embedded
+
+
+def _serve(
+    config: ServerConfig,
+    server: grpc.Server,
+    port: int,
+    health_servicer: health.HealthServicer,
+    on_ready: Callable[[int], None] | None,
+) -> None:
     server.start()
     host = config.listen.rpartition(":")[0]
     logger.info("param-server listening on %s:%d, store %s", host, port, config.store)

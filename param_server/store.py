@@ -490,13 +490,14 @@ class Store:
             )
         return out
 
-    def history(self, model: str) -> list[dict[str, Any]]:
-        """Every acknowledged HEAD move (commits, rollbacks, pins, GC), oldest first."""
+    def history(self, model: str, since: int = 0) -> list[dict[str, Any]]:
+        """Acknowledged HEAD moves (commits, rollbacks, pins, GC) with a sequence
+        number above `since`, oldest first."""
         st = self.state(model)
         hist = self._model_dir(model) / "history"
         return [
             json.loads((hist / f"{s:012d}.json").read_bytes())
-            for s in range(1, st.seq + 1)
+            for s in range(max(since, 0) + 1, st.seq + 1)
         ]
 
     def verify_blob(self, digest: str) -> Path:

@@ -261,11 +261,13 @@ class GetStoreInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StoreInfo(_message.Message):
-    __slots__ = ("store_id", "blob_root", "hostname")
+    __slots__ = ("store_id", "blob_root", "hostname", "announce_url")
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOB_ROOT_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCE_URL_FIELD_NUMBER: _ClassVar[int]
     store_id: str
     blob_root: str
     hostname: str
-    def __init__(self, store_id: _Optional[str] = ..., blob_root: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+    announce_url: str
+    def __init__(self, store_id: _Optional[str] = ..., blob_root: _Optional[str] = ..., hostname: _Optional[str] = ..., announce_url: _Optional[str] = ...) -> None: ...

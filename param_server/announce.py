@@ -1,0 +1,353 @@
+"""Announcing new versions on Redis pub/sub, and the names other tools follow.
+
+Channel ``paramserver:versions:<model>`` carries one JSON message per HEAD
+move of the model (see `Announcement`). Pub/sub is a hint, never the truth:
+a subscriber reconciles against the server's manifest, so a lost, duplicated,
+reordered or forged message can at most cause a manifest check.
+
+The announcer watches the store itself (every HEAD move is a numbered history
+record), so commits made through the daemon, the CLI or any other writer of
+the store are announced alike. It never blocks a commit: it runs in its own
+thread, and while Redis is down it waits and then sends one catch-up message
+per model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from param_server.errors import InvalidInputError, NotFoundError
+from param_server.manifest import Manifest
+from param_server.names import check_model_name, check_shard_key
+from param_server.store import Store, utc_now
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_PREFIX = "paramserver:versions:"
+"""Followed by the model name: where a model's versions are announced."""
+NODE_KEY_PREFIX = "paramserver:nodes:"
+"""Followed by ``<model>:<node id>``: a node's status, expiring with its heartbeat."""
+APPLIED_PREFIX = "paramserver:applied:"
+"""Followed by the model name: nodes publish here each version they apply."""
+MESSAGE_FORMAT = 1
+_KINDS = ("commit", "rollback", "head")
+_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def channel(model: str) -> str:
+    """The pub/sub channel of `model`'s announcements."""
+    return CHANNEL_PREFIX + check_model_name(model)
+
+
+def redact(url: str) -> str:
+    """`url` without its password (safe to log or hand to clients)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redis_client(url: str, *, timeout: float = 2.0) -> redis.Redis:
+    """A redis-py client from a redis://, rediss:// or unix:// URL.
+
+    Passwords, ACL users and TLS options travel in the URL as redis-py
+    accepts them (``rediss://user:secret@host:6380/0?ssl_cert_reqs=required``).
+
+    Raises:
+        InvalidInputError: the URL cannot be parsed.
+    """
+    try:
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=10,
+            # Callers have their own reconnect loops; redis-py's default
+            # backoff would add seconds before noticing Redis is back.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        )
+    except ValueError as e:
+        raise InvalidInputError(
+            f"cannot use Redis URL {redact(url)!r}: {e}; expected "
+            "redis://[user:password@]host:port[/db], rediss://... or unix:///path"
+        ) from e
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Announcement:
+    """One HEAD move of a model, as published (JSON, one object per message)."""
+
+    kind: str
+    """"commit", "rollback", or "head" (a catch-up after an outage or on start)."""
+    model: str
+    version: int
+    """The model's HEAD after the move."""
+    previous: int
+    """HEAD before the move (0 when unknown or for a new model)."""
+    parent: int
+    """The parent version of `version`."""
+    changed: dict[str, str] = field(default_factory=dict)
+    """Shard key -> digest of shards that differ from `previous`."""
+    removed: tuple[str, ...] = ()
+    """Shard keys `previous` had and `version` has not."""
+    time: str = ""
+    """When HEAD moved (RFC 3339, UTC)."""
+    seq: int = 0
+    """The store's history sequence number of the move."""
+    store_id: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Author, message and a summary of the version's metadata."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format": MESSAGE_FORMAT,
+                "kind": self.kind,
+                "model": self.model,
+                "version": self.version,
+                "previous": self.previous,
+                "parent": self.parent,
+                "changed": self.changed,
+                "removed": list(self.removed),
+                "time": self.time,
+                "seq": self.seq,
+                "store_id": self.store_id,
+                "provenance": self.provenance,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Announcement:
+        """Parses and checks a message.
+
+        Raises:
+            InvalidInputError: not an announcement of this format.
+        """
+        if len(data) > _MAX_MESSAGE_BYTES:
+            raise InvalidInputError(f"announcement of {len(data)} bytes is too large")
+        try:
+            d = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidInputError(f"announcement is not JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("format") != MESSAGE_FORMAT:
+            raise InvalidInputError(
+                f"announcement is not a format-{MESSAGE_FORMAT} object"
+            )
+        ints = ("version", "previous", "parent", "seq")
+        if d.get("kind") not in _KINDS or not all(
+            type(d.get(k)) is int and d[k] >= 0 for k in ints
+        ):
+            raise InvalidInputError(
+                f"announcement needs kind in {_KINDS} and non-negative integers {ints}"
+            )
+        changed = d.get("changed", {})
+        removed = d.get("removed", [])
+        if not isinstance(changed, dict) or not isinstance(removed, list):
+            raise InvalidInputError("announcement changed/removed are malformed")
+        for key in [*changed, *removed]:
+            check_shard_key(key)
+        prov = d.get("provenance", {})
+        return cls(
+            kind=d["kind"],
+            model=check_model_name(d.get("model")),
+            version=d["version"],
+            previous=d["previous"],
+            parent=d["parent"],
+            changed={str(k): str(v) for k, v in changed.items()},
+            removed=tuple(str(k) for k in removed),
+            time=str(d.get("time", "")),
+            seq=d["seq"],
+            store_id=str(d.get("store_id", "")),
+            provenance=prov if isinstance(prov, dict) else {},
+        )
+
+
+def _summary(m: Manifest) -> dict[str, Any]:
+    """Provenance small enough for a message: scalars only, strings cut."""
+
+    def cut(v: Any) -> Any:
+        return v[:200] if isinstance(v, str) else v
+
+    meta = {
+        k: cut(v)
+        for k, v in list(m.metadata.items())[:16]
+        if isinstance(v, str | int | float | bool) or v is None
+    }
+    return {
+        "author": cut(m.author),
+        "message": cut(m.message),
+        "created_at": m.created_at,
+        "metadata": meta,
+    }
+
+
+class Announcer:
+    """Publishes every HEAD move of every model in `store` to Redis.
+
+    Args:
+        store: the store to watch.
+        redis_url: where to publish.
+        poll_interval: seconds between looks at the store when nobody calls
+            `poke` (commits through the daemon poke it at once).
+    """
+
+    def __init__(
+        self, store: Store, redis_url: str, *, poll_interval: float = 0.5
+    ) -> None:
+        self.store = store
+        self.redis_url = redis_url
+        self.poll_interval = poll_interval
+        self._redis = redis_client(redis_url)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._seq: dict[str, int] = {}
+        self._announced: dict[str, int] = {}  # model -> head last announced
+        self._catch_up: set[str] = set()
+        self._up = True
+        self._started = False
+        self.published = 0
+        """Messages published so far."""
+        self._thread = threading.Thread(
+            target=self._run, name="param-server-announcer", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Looks at the store now (call after a commit or rollback)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self._redis.close()
+
+    def _run(self) -> None:
+        delay = self.poll_interval
+        while not self._stop.is_set():
+            try:
+                self._scan()
+                self._started = True
+                delay = self.poll_interval
+                if not self._up:
+                    logger.info("Redis at %s is back", redact(self.redis_url))
+                    self._up = True
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                if self._up:
+                    logger.warning(
+                        "cannot announce on Redis at %s (%s); commits go on, "
+                        "announcements resume when it returns",
+                        redact(self.redis_url),
+                        e,
+                    )
+                    self._up = False
+                delay = min(max(delay * 2, 0.05), 2.0)
+            except Exception:
+                # A bug must not silence announcements for the daemon's life.
+                logger.exception("announcer failed; retrying")
+                delay = 2.0
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def _scan(self) -> None:
+        for model in self.store.list_models():
+            try:
+                st = self.store.state(model)
+            except NotFoundError:
+                continue
+            last = self._seq.get(model)
+            if last is None and self._started:
+                last = 0  # a model created since: announce its every move
+            elif last is None:
+                # A (re)started daemon says where each model stands once;
+                # nodes that missed messages meanwhile reconcile on it.
+                self._catch_up.add(model)
+            elif last == st.seq and model not in self._catch_up:
+                continue
+            if model in self._catch_up:
+                self._send_head(model, st.head, st.seq)
+                continue
+            for rec in self.store.history(model, since=last or 0):
+                if rec.get("action") in ("commit", "rollback"):
+                    try:
+                        self._send_record(model, rec)
+                    except (redis.ConnectionError, redis.TimeoutError, OSError):
+                        self._catch_up.add(model)
+                        raise
+                self._seq[model] = rec["seq"]
+
+    def _publish(self, a: Announcement) -> None:
+        self._redis.publish(channel(a.model), a.to_json())
+        self.published += 1
+        self._announced[a.model] = a.version
+        logger.debug("announced %s@%d (%s)", a.model, a.version, a.kind)
+
+    def _manifest(self, model: str, version: int) -> Manifest | None:
+        if version <= 0:
+            return None
+        try:
+            return self.store.get_manifest(model, version)
+        except NotFoundError:  # collected since
+            return None
+
+    def _send_record(self, model: str, rec: dict[str, Any]) -> None:
+        version = int(rec["version"])
+        previous = int(rec["parent"] if rec["action"] == "commit" else rec["from"])
+        new = self.store.get_manifest(model, version)
+        changed, removed = new.diff(self._manifest(model, previous))
+        self._publish(
+            Announcement(
+                kind=rec["action"],
+                model=model,
+                version=version,
+                previous=previous,
+                parent=new.parent,
+                changed=changed,
+                removed=removed,
+                time=str(rec.get("time", "")),
+                seq=int(rec["seq"]),
+                store_id=self.store.store_id,
+                provenance=_summary(new),
+            )
+        )
+
+    def _send_head(self, model: str, head: int, seq: int) -> None:
+        new = self.store.get_manifest(model, head)
+        previous = self._announced.get(model, 0)
+        changed, removed = new.diff(self._manifest(model, previous))
+        self._publish(
+            Announcement(
+                kind="head",
+                model=model,
+                version=head,
+                previous=previous,
+                parent=new.parent,
+                changed=changed,
+                removed=removed,
+                time=utc_now(),
+                seq=seq,
+                store_id=self.store.store_id,
+                provenance=_summary(new),
+            )
+        )
+        self._catch_up.discard(model)
+        self._seq[model] = seq

@@ -1,0 +1,205 @@
+"""A private `redis-server` on a free loopback port, started and supervised."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from param_server.errors import ParamServerError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class RedisMissingError(ParamServerError):
+    """`redis-server` is not installed (or not on PATH)."""
+
+
+def _die_with_parent() -> None:
+    """Runs in the child: SIGTERM it when the process that started it dies
+    (even by SIGKILL), so a private Redis never outlives its daemon."""
+    # Not on Linux, stop() still ends it.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A `redis-server` child bound to 127.0.0.1, without persistence.
+
+    With `supervise` a thread restarts it on the same port if it dies, so
+    clients reconnect to the same URL.
+
+    Args:
+        port: the port (0 picks a free one).
+        supervise: restart the server when it exits unexpectedly.
+        binary: the executable (found on PATH by default).
+    """
+
+    def __init__(
+        self, *, port: int = 0, supervise: bool = True, binary: str | None = None
+    ) -> None:
+        found = binary or shutil.which("redis-server")
+        if found is None:
+            raise RedisMissingError(
+                "redis-server is not installed; install it (Debian/Ubuntu: "
+                "apt-get install redis-server) or give the URL of a running Redis "
+                "with --redis redis://host:port"
+            )
+        self.binary = found
+        self.port = port
+        self.supervise = supervise
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir = Path(tempfile.mkdtemp(prefix="param-server-redis-"))
+        self._stopping = threading.Event()
+        self._watch: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Starts the server and waits until it answers PING.
+
+        Raises:
+            UnavailableError: it did not come up (three ports tried when the
+                port was picked here).
+        """
+        self._stopping.clear()
+        tries = 3 if self.port == 0 else 1
+        for attempt in range(tries):
+            port = self.port or free_port()
+            if self._spawn(port, timeout):
+                self.port = port
+                break
+            if attempt == tries - 1:
+                raise UnavailableError(
+                    f"redis-server did not start on 127.0.0.1:{port}; see its log "
+                    f"in {self._dir / 'redis.log'}"
+                )
+        if self.supervise and self._watch is None:
+            self._watch = threading.Thread(
+                target=self._supervise, name="redis-supervisor", daemon=True
+            )
+            self._watch.start()
+        return self
+
+    def _spawn(self, port: int, timeout: float) -> bool:
+        cmd = [
+            self.binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self._dir),
+            "--logfile",
+            str(self._dir / "redis.log"),
+        ]
+        self._dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+            proc = self._proc
+        client = redis.Redis(
+            host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        logger.info("redis-server (pid %d) on port %d", proc.pid, port)
+                        return True
+                except (redis.ConnectionError, redis.TimeoutError):
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        proc.kill()
+        proc.wait()
+        return False
+
+    def _supervise(self) -> None:
+        delay = 0.05
+        while not self._stopping.wait(0.1):
+            with self._lock:
+                proc = self._proc
+            if proc is None or proc.poll() is None:
+                continue
+            logger.warning(
+                "redis-server exited with status %s; restarting it on port %d",
+                proc.returncode,
+                self.port,
+            )
+            try:
+                if self._spawn(self.port, 10.0):
+                    self.restarts += 1
+                    delay = 0.05
+                    continue
+            except OSError as e:
+                logger.error("cannot restart redis-server: %s", e)
+            delay = min(delay * 2, 5.0)
+            self._stopping.wait(delay)
+
+    def kill(self) -> None:
+        """SIGKILLs the server (tests of outages; the supervisor restarts it)."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGKILL)
+                self._proc.wait()
+
+    def stop(self) -> None:
+        """Stops the server and its supervisor; removes its directory."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.join(timeout=10)
+            self._watch = None
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
