@@ -276,6 +276,16 @@ class ParamClient:
         )
         return [VersionInfo.from_proto(v) for v in r.versions]
 
+    def head(self, model: str) -> int:
+        """The model's HEAD version."""
+        r = self._retry(
+            f"head of {model}",
+            lambda: self._stubs[0].ListVersions(
+                pb.ListVersionsRequest(model=model), timeout=self.timeout
+            ),
+        )
+        return int(r.head)
+
     def fetch_blobs(
         self,
         manifest: Manifest,

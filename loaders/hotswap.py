@@ -32,7 +32,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -42,9 +42,10 @@ from torch import nn
 from loaders.models import LazyModel, check_dense, check_expert_shapes, dense_state
 from param_server.announce import (
     APPLIED_PREFIX,
-    NODE_KEY_PREFIX,
     Announcement,
+    NodeStatus,
     channel,
+    node_key,
     redact,
     redis_client,
 )
@@ -58,51 +59,6 @@ ErrorHandler = Callable[[BaseException], None]
 
 class SwapError(ParamServerError):
     """A version cannot be applied to this live model (the old one keeps serving)."""
-
-
-@dataclass(slots=True)
-class NodeStatus:
-    """What a node reports about itself (also the JSON of its Redis key)."""
-
-    node: str
-    model: str
-    host: str
-    pid: int
-    applied_version: int
-    head_version: int
-    """The newest version this node has heard of from the server."""
-    pinned_version: int | None
-    swaps: int
-    last_swap: float | None
-    """Unix time of the last swap applied."""
-    last_swap_ms: float | None
-    """From learning of the version to applying it."""
-    last_flip_us: float | None
-    """How long the pointer flip itself took."""
-    pending_version: int | None
-    resident_experts: int
-    resident_bytes: int
-    budget_bytes: int
-    hits: int
-    misses: int
-    hit_rate: float
-    errors: int
-    last_error: str | None
-    redis_connected: bool
-    heartbeat_interval: float
-    updated: float = field(default_factory=time.time)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> NodeStatus:
-        d = json.loads(data)
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-def node_key(model: str, node: str) -> str:
-    return f"{NODE_KEY_PREFIX}{model}:{node}"
 
 
 @dataclass(slots=True)
@@ -186,6 +142,10 @@ class HotSwapper:
         self._threads: list[threading.Thread] = []
         self.announcements = 0
         """Valid announcements received for this model."""
+        self.rejected = 0
+        """Malformed announcements (each still causes a check)."""
+        self.checks = 0
+        """Completed checks with the server (reconciliations)."""
         self.gaps = 0
         """Announcements whose previous version was not the last one seen."""
         self._last_announced: int | None = None
@@ -213,10 +173,12 @@ class HotSwapper:
             t.start()
             self._threads.append(t)
         self._wake.set()  # check the server once at start
+        self._swapped.set()  # and report at once
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stops the threads, unhooks the model and removes the status key."""
+    def stop(self, timeout: float = 10.0, *, deregister: bool = True) -> None:
+        """Stops the threads and unhooks the model; with `deregister` the
+        node's status key goes at once (else it expires with its heartbeat)."""
         self._stop.set()
         self._wake.set()
         self._swapped.set()
@@ -226,8 +188,10 @@ class HotSwapper:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if not deregister or self._redis_url is None:
+            return
         with contextlib.suppress(redis.RedisError, OSError, ParamServerError):
-            r = redis_client(self._url())
+            r = redis_client(self._redis_url)
             r.delete(node_key(self.model, self.node_id))
             r.close()
 
@@ -411,16 +375,15 @@ class HotSwapper:
                 )
 
     def _reconcile(self, learned: float) -> None:
-        target = self.client.get_manifest(self.model, self._pin)
-        if self._pin is None:
-            self._head = target.version
-        else:
-            self._head = max(self._head, target.version)
+        pin = self._pin
+        target = self.client.get_manifest(self.model, pin)
+        self._head = target.version if pin is None else self.client.head(self.model)
         with self._gate:
             pending = self._pending
-            if target.version == self._applied and pending is None:
-                return
-            if pending is not None and pending.manifest.version == target.version:
+            if (target.version == self._applied and pending is None) or (
+                pending is not None and pending.manifest.version == target.version
+            ):
+                self.checks += 1
                 return
         while True:
             prepared = self._prepare(target, learned)
@@ -432,6 +395,7 @@ class HotSwapper:
                 self._pending = prepared
                 if self._active == 0:
                     self._flip()  # an idle model is updated at once
+                self.checks += 1
                 return
 
     def _prepare(self, target: Manifest, learned: float) -> _Prepared:
@@ -549,6 +513,7 @@ class HotSwapper:
             a = Announcement.from_json(data)
         except InvalidInputError as e:
             logger.warning("%s: ignoring a malformed announcement: %s", self.model, e)
+            self.rejected += 1
             self._wake.set()  # harmless: a manifest check
             return
         if a.model != self.model:

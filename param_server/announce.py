@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -224,6 +225,8 @@ class Announcer:
         self._started = False
         self.published = 0
         """Messages published so far."""
+        self.last: Announcement | None = None
+        """The last message published."""
         self._thread = threading.Thread(
             target=self._run, name="param-server-announcer", daemon=True
         )
@@ -298,6 +301,7 @@ class Announcer:
     def _publish(self, a: Announcement) -> None:
         self._redis.publish(channel(a.model), a.to_json())
         self.published += 1
+        self.last = a
         self._announced[a.model] = a.version
         logger.debug("announced %s@%d (%s)", a.model, a.version, a.kind)
 
@@ -351,3 +355,63 @@ class Announcer:
         )
         self._catch_up.discard(model)
         self._seq[model] = seq
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    """What a node reports about itself (also the JSON of its Redis key)."""
+
+    node: str
+    model: str
+    host: str
+    pid: int
+    applied_version: int
+    head_version: int
+    """The newest version this node has heard of from the server."""
+    pinned_version: int | None
+    swaps: int
+    last_swap: float | None
+    """Unix time of the last swap applied."""
+    last_swap_ms: float | None
+    """From learning of the version to applying it."""
+    last_flip_us: float | None
+    """How long the pointer flip itself took."""
+    pending_version: int | None
+    resident_experts: int
+    resident_bytes: int
+    budget_bytes: int
+    hits: int
+    misses: int
+    hit_rate: float
+    errors: int
+    last_error: str | None
+    redis_connected: bool
+    heartbeat_interval: float
+    updated: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> NodeStatus:
+        d = json.loads(data)
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def node_key(model: str, node: str) -> str:
+    return f"{NODE_KEY_PREFIX}{model}:{node}"
+
+
+def read_fleet(r: redis.Redis, model: str | None = None) -> list[NodeStatus]:
+    """Every live node's status (expired heartbeats are gone), sorted."""
+    pattern = f"{NODE_KEY_PREFIX}{model + ':' if model else ''}*"
+    keys = sorted(r.scan_iter(match=pattern, count=500))
+    out = []
+    for data in r.mget(keys) if keys else []:
+        if data is None:
+            continue  # expired between SCAN and MGET
+        try:
+            out.append(NodeStatus.from_json(data))
+        except (ValueError, TypeError, KeyError) as e:
+            logger.warning("ignoring a malformed node status: %s", e)
+    return sorted(out, key=lambda s: (s.model, s.node))

@@ -406,6 +406,149 @@ def fsck(store: Path) -> None:
 
 @main.command()
 @click.option(
+    "--server",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="The daemon (for each model's HEAD, and its Redis URL).",
+)
+@click.option(
+    "--redis",
+    "redis_url",
+    default=None,
+    metavar="URL",
+    envvar="PARAM_SERVER_REDIS",
+    help="Redis the nodes report to (default: the one the daemon announces on).",
+)
+@click.option("--model", default=None, help="Only this model's nodes.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--watch",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Print the table again every SECONDS until Ctrl-C.",
+)
+@_handle_errors
+def status(
+    server: str,
+    redis_url: str | None,
+    model: str | None,
+    as_json: bool,
+    watch: float | None,
+) -> None:
+    """Show the fleet: which node serves which version, which lag or are gone.
+
+    A node that stops reporting disappears once its heartbeat expires (three
+    heartbeat intervals); one that is late but not yet expired shows as stale.
+    """
+    import time
+
+    import redis
+
+    from loaders.client import ParamClient
+    from param_server.announce import read_fleet, redis_client
+
+    with ParamClient.from_url(server, retries=1, timeout=5.0) as client:
+        url = redis_url or client.announce_url()
+        if url is None:
+            raise InvalidInputError(
+                f"the daemon at {server} does not announce versions; give --redis URL"
+            )
+        r = redis_client(url)
+        while True:
+            try:
+                nodes = read_fleet(r, model)
+            except (redis.RedisError, OSError) as e:
+                raise UnavailableError(f"cannot read the fleet from Redis: {e}") from e
+            heads: dict[str, int | None] = {}
+            for n in nodes:
+                if n.model not in heads:
+                    try:
+                        heads[n.model] = client.head(n.model)
+                    except ParamServerError:
+                        heads[n.model] = None
+            if as_json:
+                click.echo(
+                    json.dumps(
+                        {
+                            "heads": heads,
+                            "nodes": [dataclasses.asdict(n) for n in nodes],
+                        },
+                        indent=2,
+                    )
+                )
+            else:
+                click.echo(_fleet_table(nodes, heads, time.time()))
+            if watch is None:
+                return
+            time.sleep(watch)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s ago"
+    return f"{seconds / 60:.0f}m ago"
+
+
+def _fleet_table(nodes: list[Any], heads: dict[str, int | None], now: float) -> str:
+    if not nodes:
+        return "no live nodes"
+    rows = [
+        (
+            "NODE",
+            "MODEL",
+            "VERSION",
+            "HEAD",
+            "STATE",
+            "LAST SWAP",
+            "EXPERTS",
+            "RESIDENT",
+            "HIT RATE",
+            "ERRORS",
+            "SEEN",
+        )
+    ]
+    for n in nodes:
+        head = heads.get(n.model)
+        if now - n.updated > 2 * n.heartbeat_interval:
+            state = "stale"
+        elif n.pinned_version is not None:
+            state = f"pinned {n.pinned_version}"
+        elif head is None:
+            state = "head unknown"
+        elif n.applied_version == head:
+            state = "current"
+        elif n.pending_version == head:
+            state = "swapping"
+        else:
+            state = f"lagging (head {head})"
+        rows.append(
+            (
+                n.node,
+                n.model,
+                str(n.applied_version),
+                "?" if head is None else str(head),
+                state,
+                _ago(now - n.last_swap if n.last_swap else None),
+                str(n.resident_experts),
+                f"{_size(n.resident_bytes)}/{_size(n.budget_bytes)}",
+                f"{100 * n.hit_rate:.0f}%",
+                str(n.errors),
+                _ago(now - n.updated),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    )
+
+
+@main.command()
+@click.option(
     "--store",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,

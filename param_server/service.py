@@ -471,6 +471,7 @@ def _start_embedded_redis(store: Path) -> EmbeddedRedis:
     except UnavailableError:
         embedded = EmbeddedRedis().start()
     with contextlib.suppress(OSError):
+        hint.parent.mkdir(parents=True, exist_ok=True)
         hint.write_text(str(embedded.port))
     return embedded
 

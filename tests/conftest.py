@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loaders.client import ParamClient
+from param_server.redis_server import EmbeddedRedis
 from param_server.service import ServerConfig, create_server
 from param_server.store import Store
 
@@ -104,3 +105,10 @@ def client(server: Server) -> Iterator[ParamClient]:
     """A client that always streams (the same-host path is tested on its own)."""
     with ParamClient(server.target, same_host=False, retries=1) as c:
         yield c
+
+
+@pytest.fixture
+def redis_srv() -> Iterator[EmbeddedRedis]:
+    """A real redis-server on a free loopback port (not restarted when killed)."""
+    with EmbeddedRedis(supervise=False).start() as r:
+        yield r

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import time
+from collections.abc import Callable
 
 
 def raw_safetensors(tensors: dict[str, bytes], dtype: str = "U8") -> bytes:
@@ -25,3 +27,13 @@ def header_bytes(header: dict[str, object], data: bytes = b"") -> bytes:
     """A safetensors file with an arbitrary (possibly hostile) header."""
     h = json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + data
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    """Polls `cond` against a deadline; returns the seconds it took."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - t0

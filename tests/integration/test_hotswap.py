@@ -1,0 +1,385 @@
+"""Hot swaps on live models: real redis-server, real gRPC server, real transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from loaders.client import ParamClient
+from loaders.hotswap import HotSwapper
+from loaders.models import LazyModel, load_lazy_model
+from param_server import tensor_codec
+from param_server.announce import Announcer, channel, redis_client
+from param_server.checkpoints import expert_key, export_checkpoint, import_checkpoint
+from param_server.cli import main
+from param_server.daemon import spawn_daemon
+from param_server.redis_server import EmbeddedRedis, free_port
+from param_server.service import ServerConfig, create_server
+from param_server.store import Store
+from tests.conftest import Checkpoint
+from tests.helpers import wait_until
+from tests.integration.test_lazy import PROMPT, eager
+
+pytestmark = pytest.mark.integration
+MODEL = "mx"
+
+
+@dataclass
+class Live:
+    """A store with a model, a gRPC server and an announcer on a real Redis."""
+
+    root: Path
+    target: str
+    redis: EmbeddedRedis
+    client: ParamClient
+    refs: dict[int, str] = field(default_factory=dict)
+    nodes: list[tuple[LazyModel, HotSwapper]] = field(default_factory=list)
+
+    def node(self, fraction: float = 0.5, **kw: object) -> tuple[LazyModel, HotSwapper]:
+        """A live lazy model on its own connection, with a started swapper."""
+        c = ParamClient(self.target, same_host=False, retries=2, backoff=0.05)
+        sizes = [
+            s.size for k, s in c.get_manifest(MODEL).shards.items() if ".experts." in k
+        ]
+        lm = load_lazy_model(
+            c, MODEL, budget_bytes=max(max(sizes), int(sum(sizes) * fraction))
+        )
+        kw.setdefault("heartbeat_interval", 0.5)
+        kw.setdefault("reconcile_interval", 600.0)  # announcements must do it
+        sw = HotSwapper(lm, **kw).start()  # type: ignore[arg-type]
+        self.nodes.append((lm, sw))
+        wait_until(lambda: sw.status().redis_connected, 10, "the subscription")
+        return lm, sw
+
+    def bump(
+        self,
+        *,
+        experts: tuple[tuple[int, int], ...] = (),
+        dense: tuple[str, ...] = (),
+        seed: int = 0,
+    ) -> int:
+        """Commits a version whose given shards are perturbed; returns it."""
+        m = self.client.get_manifest(MODEL)
+        keys = [expert_key(layer, e) for layer, e in experts] + list(dense)
+        g = torch.Generator().manual_seed(seed)
+        shards = {}
+        for key, buf in self.client.fetch_blobs(m, keys).items():
+            shards[key] = {
+                n: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype)
+                for n, t in tensor_codec.decode(buf, key).items()
+            }
+        return self.client.commit(MODEL, m.version, shards).manifest.version
+
+    def ref(self, version: int, tmp: Path) -> str:
+        """SHA-256 of the eager model's logits for PROMPT at `version`."""
+        if version not in self.refs:
+            dest = export_checkpoint(
+                Store(self.root), MODEL, tmp / f"v{version}", version=version
+            )
+            with torch.no_grad():
+                self.refs[version] = digest(eager(dest)(PROMPT).logits)
+        return self.refs[version]
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(
+        t.contiguous().view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
+
+
+def logits(lm: LazyModel) -> str:
+    with torch.no_grad():
+        return digest(lm.model(PROMPT).logits)
+
+
+@pytest.fixture
+def live(
+    tmp_path: Path, checkpoints: dict[str, Checkpoint], redis_srv: EmbeddedRedis
+) -> Iterator[Live]:
+    root = tmp_path / "store"
+    import_checkpoint(Store(root), checkpoints["mixtral-float32"].path, MODEL)
+    announcer = Announcer(Store(root), redis_srv.url, poll_interval=0.2)
+    srv, port, _ = create_server(
+        ServerConfig(store=root, listen="127.0.0.1:0"), announcer=announcer
+    )
+    srv.start()
+    announcer.start()
+    client = ParamClient(f"127.0.0.1:{port}", same_host=False, retries=1)
+    live = Live(root, f"127.0.0.1:{port}", redis_srv, client)
+    try:
+        yield live
+    finally:
+        for lm, sw in live.nodes:
+            sw.stop()
+            lm.close()
+        client.close()
+        announcer.stop()
+        srv.stop(0).wait()
+
+
+def test_serving_thread_sees_exactly_one_version_per_pass(
+    live: Live, tmp_path: Path
+) -> None:
+    errors: list[BaseException] = []
+    lm, sw = live.node(0.5, on_error=errors.append)
+    seen: list[tuple[int | None, str]] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        i = 0
+        while not stop.is_set():
+            if i % 3 == 2:  # a bare pass: the forward hooks keep it whole
+                seen.append((None, logits(lm)))
+            else:
+                with sw.hold() as v:
+                    seen.append((v, logits(lm)))
+            i += 1
+
+    t = threading.Thread(target=serve)
+    t.start()
+    versions = [1]
+    # Each change spans layers, so a pass that mixed versions would match none.
+    plan: list[dict[str, object]] = [
+        {"experts": ((0, 0), (0, 1), (1, 2), (1, 3))},
+        {"dense": ("layers.0.dense",), "experts": ((1, 0),)},
+        {"dense": ("global", "layers.1.dense")},
+        {"experts": tuple((layer, e) for layer in range(2) for e in range(4))},
+        {"dense": ("layers.0.dense", "layers.1.dense"), "experts": ((0, 2),)},
+    ]
+    try:
+        for n, change in enumerate(plan):
+            v = live.bump(seed=n, **change)  # type: ignore[arg-type]
+            versions.append(v)
+            wait_until(
+                lambda v=v: any(s[0] == v for s in seen),  # type: ignore[misc]
+                20,
+                f"version {v}",
+            )
+        n_seen = len(seen)
+        wait_until(lambda: len(seen) > n_seen + 3, 20, "a few more passes")
+    finally:
+        stop.set()
+        t.join()
+    refs = {v: live.ref(v, tmp_path) for v in versions}
+    assert len(set(refs.values())) == len(versions)  # every change shows
+    held = [v for v, _ in seen if v is not None]
+    for v, out in seen:
+        if v is not None:
+            assert out == refs[v], f"a pass held on version {v} saw another"
+        else:
+            assert out in refs.values(), "a bare pass mixed versions"
+    assert held == sorted(held), "the applied version went backwards"
+    assert set(held) == set(versions)
+    assert not errors
+    st = sw.status()
+    assert st.swaps == len(plan) and st.applied_version == versions[-1]
+    assert st.last_flip_us is not None and st.last_flip_us < 100_000
+    # Replaced experts of old versions do not linger beside the new ones.
+    assert lm.loader.stats().resident_bytes <= lm.loader.budget_bytes
+
+
+def test_generation_holds_one_version(live: Live) -> None:
+    lm, sw = live.node(1.0)
+    args = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    started = threading.Event()
+    out: dict[str, object] = {}
+
+    def generate() -> None:
+        with sw.hold() as v, torch.no_grad():
+            started.set()
+            time.sleep(0.3)  # the commit lands while the request runs
+            out["v"] = v
+            out["tokens"] = lm.model.generate(PROMPT[:1, :8], **args)
+            out["after"] = sw.applied_version
+
+    t = threading.Thread(target=generate)
+    t.start()
+    started.wait()
+    v2 = live.bump(dense=("layers.0.dense",), experts=((0, 0), (1, 1)))
+    t.join()
+    assert out["v"] == 1 and out["after"] == 1  # no flip inside the request
+    assert sw.wait_for_version(v2, 5)  # applied once the request ended
+    sw.pin(1)
+    assert sw.wait_for_version(1, 5)
+    with torch.no_grad():
+        want = lm.model.generate(PROMPT[:1, :8], **args)
+    assert torch.equal(want, out["tokens"])  # type: ignore[arg-type]
+
+
+def test_redis_outage_then_every_node_converges_within_2s(live: Live) -> None:
+    nodes = [live.node(0.5) for _ in range(2)]
+    live.redis.kill()
+    v = 1
+    for i in range(3):  # commits go on while Redis is down
+        v = live.bump(experts=((0, i),), dense=("global",), seed=i)
+    time.sleep(0.3)
+    assert all(sw.applied_version == 1 for _, sw in nodes)  # nobody could hear
+    live.redis.start()
+    took = wait_until(
+        lambda: all(sw.applied_version == v for _, sw in nodes), 2.0, "convergence"
+    )
+    assert took < 2.0
+    for lm, _ in nodes:
+        assert logits(lm) == logits(nodes[0][0])
+
+
+def test_server_restart_nodes_serve_from_cache_and_converge(
+    tmp_path: Path, checkpoints: dict[str, Checkpoint], redis_srv: EmbeddedRedis
+) -> None:
+    root = tmp_path / "store"
+    import_checkpoint(Store(root), checkpoints["mixtral-float32"].path, MODEL)
+    port = free_port()
+    daemon = spawn_daemon(root, redis_url=redis_srv.url, port=port)
+    c = ParamClient(daemon.target, same_host=False, retries=1, backoff=0.05)
+    try:
+        lm = load_lazy_model(c, MODEL, budget_bytes=10**9)
+        everything = [(layer, e) for layer in range(2) for e in range(4)]
+        lm.loader.warm(lm.manifest, everything)
+        before = logits(lm)
+        sw = HotSwapper(lm, max_backoff=0.2, reconcile_interval=600).start()
+        wait_until(lambda: sw.status().redis_connected, 10, "the subscription")
+        daemon.stop()
+        assert logits(lm) == before  # serving goes on from cache
+        # Another writer commits while the daemon is down.
+        store = Store(root)
+        key = expert_key(1, 2)
+        m = store.get_manifest(MODEL)
+        t = tensor_codec.decode(store.blob_path(m.shards[key].digest).read_bytes(), key)
+        with store.staging() as st:
+            st.add(key, tensor_codec.encode({n: x * 1.5 for n, x in t.items()}))
+            v2 = store.commit(MODEL, 1, st).manifest.version
+        daemon = spawn_daemon(root, redis_url=redis_srv.url, port=port)
+        assert sw.wait_for_version(v2, 10)
+        assert logits(lm) != before
+        sw.stop()
+        lm.close()
+    finally:
+        c.close()
+        daemon.stop()
+
+
+def test_pinning_and_rollback(live: Live, tmp_path: Path) -> None:
+    lm, sw = live.node(1.0)
+    v2 = live.bump(dense=("layers.1.dense",), experts=((1, 1),), seed=2)
+    assert sw.wait_for_version(v2, 5)
+    sw.pin(1)
+    assert sw.wait_for_version(1, 5)
+    v3 = live.bump(experts=((0, 3),), seed=3)
+    wait_until(lambda: sw.status().head_version == v3, 5, "the check for v3")
+    assert sw.applied_version == 1 and sw.status().pinned_version == 1
+    assert logits(lm) == live.ref(1, tmp_path)
+    sw.unpin()
+    assert sw.wait_for_version(v3, 5)
+    assert logits(lm) == live.ref(v3, tmp_path)
+    live.client.rollback(MODEL, v2, message="bad round")
+    assert sw.wait_for_version(v2, 5)  # backwards, because the server rolled back
+    assert logits(lm) == live.ref(v2, tmp_path)
+
+
+def test_duplicate_out_of_order_and_forged_messages_are_harmless(
+    live: Live, tmp_path: Path
+) -> None:
+    errors: list[BaseException] = []
+    lm, sw = live.node(1.0, on_error=errors.append)
+    v2 = live.bump(experts=((0, 1),), dense=("global",), seed=5)
+    assert sw.wait_for_version(v2, 5)
+    r = redis_client(live.redis.url)
+    ch = channel(MODEL)
+
+    def msg(**kw: object) -> bytes:
+        base = {"format": 1, "kind": "commit", "model": MODEL, "version": v2}
+        base.update(previous=1, parent=1, seq=2, changed={}, removed=[])
+        base.update(kw)
+        return json.dumps(base).encode()
+
+    seen, rejected = sw.announcements, sw.rejected
+    bad = "f" * 64
+    for data in [
+        msg(),  # a duplicate of what it serves
+        msg(version=1, previous=0, parent=0),  # an old one, out of order
+        msg(version=999, changed={"layers.0.experts.0": bad}),  # forged
+        msg(kind="rollback", version=1, previous=v2),  # a forged rollback
+        msg(changed={"../../etc/passwd": bad}),  # path tricks
+        b"\x00not json",
+        json.dumps({"format": 1, "kind": "commit"}).encode(),
+    ]:
+        r.publish(ch, data)
+    wait_until(
+        lambda: sw.announcements == seen + 4 and sw.rejected == rejected + 3,
+        5,
+        "every message",
+    )
+    checks = sw.checks
+    sw.reconcile_now()  # runs after the checks the messages caused
+    wait_until(lambda: sw.checks > checks, 5, "a manifest check")
+    assert sw.applied_version == v2 and not errors
+    assert logits(lm) == live.ref(v2, tmp_path)
+    v3 = live.bump(experts=((1, 1),), seed=6)  # and it still follows
+    assert sw.wait_for_version(v3, 5)
+
+
+def test_a_shard_failing_its_digest_keeps_the_old_version(
+    live: Live, tmp_path: Path
+) -> None:
+    errors: list[BaseException] = []
+    lm, sw = live.node(1.0, on_error=errors.append, max_backoff=0.2)
+    sw.pin(1)
+    v2 = live.bump(dense=("layers.0.dense",), experts=((0, 0),), seed=7)
+    wait_until(lambda: sw.status().head_version == v2, 5, "the check for v2")
+    store = Store(live.root)
+    path = store.blob_path(
+        store.get_manifest(MODEL, v2).shards["layers.0.dense"].digest
+    )
+    good = path.read_bytes()
+    bad = bytearray(good)
+    bad[-5] ^= 0x01
+    path.write_bytes(bytes(bad))
+    sw.unpin()
+    wait_until(lambda: len(errors) >= 2, 10, "retries that fail")
+    assert "DATA_LOSS" in str(errors[0]) or "corrupt" in str(errors[0])
+    assert sw.applied_version == 1 and sw.status().last_error is not None
+    assert logits(lm) == live.ref(1, tmp_path)  # never half a version
+    path.write_bytes(good)  # repaired: the next retry succeeds
+    assert sw.wait_for_version(v2, 10)
+    assert logits(lm) == live.ref(v2, tmp_path)
+
+
+def test_status_shows_the_fleet_and_forgets_dead_nodes(live: Live) -> None:
+    _, a = live.node(0.5, node_id="node-a", heartbeat_interval=0.3)
+    _, b = live.node(0.5, node_id="node-b", heartbeat_interval=0.3)
+    b.pin(1)
+    v2 = live.bump(experts=((0, 2),), seed=9)
+    assert a.wait_for_version(v2, 5)
+    runner = CliRunner()
+
+    def fleet() -> dict[str, dict[str, object]]:
+        r = runner.invoke(main, ["status", "--server", live.target, "--json"])
+        assert r.exit_code == 0, r.output
+        return {n["node"]: n for n in json.loads(r.output)["nodes"]}
+
+    def reported() -> bool:
+        nodes = fleet()
+        return (
+            nodes.get("node-a", {}).get("applied_version") == v2
+            and nodes.get("node-b", {}).get("pinned_version") == 1
+        )
+
+    wait_until(reported, 5, "both nodes' heartbeats")
+    assert fleet()["node-b"]["applied_version"] == 1
+    table = runner.invoke(main, ["status", "--server", live.target]).output
+    row = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert "current" in row["node-a"] and f" {v2} " in row["node-a"]
+    assert "pinned 1" in row["node-b"]
+    b.stop(deregister=False)  # as if it crashed: its key expires on its own
+    wait_until(lambda: "node-b" not in fleet(), 5, "node-b's heartbeat to expire")
+    assert "node-a" in fleet()
+    assert a.status().applied_version == v2  # also readable locally
