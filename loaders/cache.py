@@ -231,13 +231,16 @@ class LazyExpertLoader:
         *,
         manifest: Manifest | None = None,
         count: bool = True,
+        evict: bool = True,
     ) -> Iterator[dict[int, Tensors]]:
         """Holds `experts` of `layer` resident while the block runs.
 
         Misses are fetched together in one call; an expert another thread is
         already fetching is waited for, not fetched again. `manifest` (the
         version being served by default) names which version of each expert;
-        `count` False keeps the call out of the hit and miss counters.
+        `count` False keeps the call out of the hit and miss counters;
+        `evict` False brings misses in without evicting anything (they may
+        go over the budget).
 
         Raises:
             ExpertFetchError: an expert could not be fetched (after the
@@ -249,7 +252,7 @@ class LazyExpertLoader:
         try:
             pending = dict(ids)
             while pending:
-                mine, waits = self._claim(pending, held, count)
+                mine, waits = self._claim(pending, held, count, evict)
                 if mine:
                     held.update(self._fetch(layer, mine, m))  # installed with our ref
                 for fut in waits:
@@ -266,6 +269,7 @@ class LazyExpertLoader:
         pending: dict[int, tuple[str, str, int]],
         held: dict[int, Tensors],
         count: bool = True,
+        evict: bool = True,
     ) -> tuple[dict[int, tuple[str, str, int]], list[Future[None]]]:
         """Takes hits, joins flights, and reserves room for new fetches."""
         mine: dict[int, tuple[str, str, int]] = {}
@@ -281,7 +285,8 @@ class LazyExpertLoader:
                 elif digest in self._flights:
                     waits.append(self._flights[digest].done)
                 else:
-                    self._make_room(size)
+                    if evict:
+                        self._make_room(size)
                     self._flights[digest] = _Flight(size)
                     self._resident += size
                     self._note_peak()
@@ -478,11 +483,21 @@ class LazyExpertLoader:
 
     # --- versions ----------------------------------------------------------------
 
-    def warm(self, manifest: Manifest, experts: Iterable[tuple[int, int]]) -> int:
+    def warm(
+        self,
+        manifest: Manifest,
+        experts: Iterable[tuple[int, int]],
+        *,
+        evict: bool = True,
+    ) -> int:
         """Brings (layer, expert) pairs of `manifest` in ahead of a switch to it.
 
         They become ordinary cache entries (keyed by digest, evictable), so
-        the serving version is untouched. Returns the bytes fetched.
+        the serving version is untouched. With `evict` False nothing resident
+        is evicted for them: replacements of resident experts exist beside the
+        old ones until `switch` drops those (the budget is exceeded by what is
+        being replaced, briefly, rather than serving losing its working set).
+        Returns the bytes fetched.
 
         Raises:
             ExpertFetchError: one could not be fetched or failed its digest.
@@ -492,7 +507,7 @@ class LazyExpertLoader:
             by_layer.setdefault(layer, []).append(e)
         before = self._stats.bytes_fetched
         for layer, es in sorted(by_layer.items()):
-            with self.acquire(layer, es, manifest=manifest, count=False):
+            with self.acquire(layer, es, manifest=manifest, count=False, evict=evict):
                 pass
         return self._stats.bytes_fetched - before
 

@@ -88,6 +88,9 @@ class HotSwapper:
             swapper keeps going either way. Default: log it.
         on_swap: called (on the thread that applied it, under the gate, so
             keep it short) with (old version, new version) after each swap.
+        background_nice: niceness added to the threads that fetch and prepare
+            (Linux schedules threads separately), so that on a busy machine
+            serving gets the CPU first; 0 leaves them alone.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class HotSwapper:
         max_backoff: float = 5.0,
         on_error: ErrorHandler | None = None,
         on_swap: Callable[[int, int], None] | None = None,
+        background_nice: int = 10,
     ) -> None:
         if heartbeat_interval <= 0 or reconcile_interval <= 0 or max_backoff <= 0:
             raise InvalidInputError("intervals and backoff must be positive")
@@ -115,6 +119,7 @@ class HotSwapper:
         self.max_backoff = max_backoff
         self._on_error = on_error
         self._on_swap = on_swap
+        self._nice = background_nice
         self._discover = redis_url is None
         self._redis_url = redis_url
         self._net: nn.Module = lazy.model
@@ -206,6 +211,16 @@ class HotSwapper:
         body restarts after a pause (a thread never dies silently)."""
 
         def run() -> None:
+            if self._nice:
+                # Linux gives each thread its own nice value; elsewhere this
+                # changes nothing (or is not permitted), which is harmless.
+                with contextlib.suppress(OSError, AttributeError):
+                    tid = threading.get_native_id()
+                    os.setpriority(
+                        os.PRIO_PROCESS,
+                        tid,
+                        os.getpriority(os.PRIO_PROCESS, tid) + self._nice,
+                    )
             while not self._stop.is_set():
                 try:
                     fn()
@@ -433,7 +448,9 @@ class HotSwapper:
             if ".experts." in key and current.shards[key].digest in resident:
                 _, layer, _, expert = key.split(".")
                 warm.add((int(layer), int(expert)))
-        self.lazy.loader.warm(target, warm)
+        # Replacements sit beside the experts they replace until the flip
+        # drops those: evicting for them would cost serving its working set.
+        self.lazy.loader.warm(target, warm, evict=False)
         logger.info(
             "%s prepared: %d dense shards, %d resident experts refreshed, %d "
             "other experts marked",

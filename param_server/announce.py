@@ -241,7 +241,8 @@ class Announcer:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=10)
         self._redis.close()
 
     def _run(self) -> None:

@@ -98,8 +98,9 @@ def test_commit_and_rollback_are_announced(
 def test_commits_by_other_writers_of_the_store_are_announced(
     served: tuple[ParamClient, Announcer], redis_srv: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    client, _ = served
+    client, announcer = served
     client.commit("m", 0, {"global": shard(0)})
+    wait_until(lambda: announcer.published >= 1, 5, "the first announcement")
     sub = Listener(redis_srv.url, "m")
     store = Store(tmp_path / "store")  # like `param-server import` beside the daemon
     with store.staging() as st:

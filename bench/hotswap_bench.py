@@ -1,0 +1,273 @@
+"""Time from a commit to its swap on every live node, and serving latency with swaps.
+
+    python bench/hotswap_bench.py [--nodes 1 4 8 --commits 50 --rate 10]
+
+A Mixtral-style model (fp32, 2 layers of 16 experts of about 33 MiB each by
+default) is imported into a store served by a real daemon, which announces on
+its private Redis. N node processes each load it lazily (a quarter of the
+experts fit), pin two experts per layer, attach a HotSwapper, and run a
+serving loop of decode-sized forward passes at a fixed rate. Then, in one
+run per N:
+
+- a quiet phase with no commits (forward-pass latency baseline);
+- `--commits` commits that each change one resident expert: the time from
+  the commit call returning to the swap being applied on every node (each
+  node publishes the wall time of its flip on paramserver:applied:<model>);
+- `--commits` commits that each change 10 % of the experts, chosen at
+  random (those resident on a node are fetched before its flip, the others
+  are only re-pointed).
+
+Forward-pass latency p50/p99 during the swap phases is compared with the
+quiet phase, and every figure is printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+# --- one node process ------------------------------------------------------------
+
+
+def node_main(args: argparse.Namespace) -> None:
+    from loaders.client import ParamClient
+    from loaders.hotswap import HotSwapper
+    from loaders.models import load_lazy_model
+
+    torch.set_num_threads(1)
+    client = ParamClient(args.target)
+    lm = load_lazy_model(client, args.model, budget_bytes=args.budget)
+    for layer in range(args.layers):
+        lm.loader.pin(layer, [0, 1])
+    sw = HotSwapper(lm, node_id=args.node_id, heartbeat_interval=1.0).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    ids = torch.tensor([[7]])
+    passes: list[tuple[float, float, int]] = []  # (wall time, seconds, version)
+    period = 1.0 / args.rate
+    nxt = time.monotonic()
+    with torch.no_grad():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            lm.model(ids)
+            passes.append((time.time(), time.perf_counter() - t0, sw.applied_version))
+            nxt += period
+            time.sleep(max(0.0, nxt - time.monotonic()))
+    sw.stop()
+    Path(args.out).write_text(
+        json.dumps({"passes": passes, "status": sw.status().to_json()})
+    )
+
+
+# --- the controller ----------------------------------------------------------------
+
+
+def build_model(path: Path, args: argparse.Namespace) -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=512,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=args.experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).eval().save_pretrained(path)
+
+
+def run_fleet(
+    n: int, target: str, url: str, args: argparse.Namespace, tmp: Path
+) -> dict[str, object]:
+    from loaders.client import ParamClient
+    from param_server import tensor_codec
+    from param_server.announce import APPLIED_PREFIX, read_fleet, redis_client
+    from param_server.checkpoints import expert_key
+
+    client = ParamClient(target)
+    m = client.get_manifest(args.model)
+    expert_bytes = m.shards[expert_key(0, 0)].size
+    budget = int(expert_bytes * args.layers * args.experts * 0.25)
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, __file__, "node", "--target", target]
+        cmd += ["--model", args.model, "--budget", str(budget)]
+        cmd += ["--layers", str(args.layers), "--rate", str(args.rate)]
+        cmd += ["--node-id", f"node-{i}", "--out", str(tmp / f"node-{i}.json")]
+        procs.append(subprocess.Popen(cmd))
+    r = redis_client(url)
+    deadline = time.monotonic() + 300
+    while len(read_fleet(r, args.model)) < n:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise SystemExit("nodes did not come up")
+        time.sleep(0.2)
+    applied = r.pubsub()  # type: ignore[no-untyped-call]
+    applied.subscribe(APPLIED_PREFIX + args.model)
+    time.sleep(2.0)  # every node warmed up and serving
+
+    def wait_all(version: int, t_commit: float) -> float:
+        seen: dict[str, float] = {}
+        deadline = time.monotonic() + 60
+        while len(seen) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"version {version} did not reach every node")
+            msg = applied.get_message(timeout=1.0)
+            if msg and msg["type"] == "message":
+                d = json.loads(msg["data"])
+                if d["version"] == version:
+                    seen[d["node"]] = d["time"]
+        return max(seen.values()) - t_commit
+
+    rng = random.Random(0)
+    windows: dict[str, tuple[float, float]] = {}
+    t_quiet = time.time()
+    time.sleep(args.quiet)
+    windows["none"] = (t_quiet, time.time())
+    lat: dict[str, list[float]] = {"one": [], "ten": []}
+    everything = [(la, e) for la in range(args.layers) for e in range(args.experts)]
+    k_ten = max(1, round(0.1 * len(everything)))
+    for phase in ("one", "ten"):
+        t_phase = time.time()
+        for c in range(args.commits):
+            head = client.get_manifest(args.model)
+            if phase == "one":
+                picks = [(c % args.layers, c % 2)]  # a pinned, resident expert
+            else:
+                picks = rng.sample(everything, k_ten)
+            keys = [expert_key(la, e) for la, e in picks]
+            shards = {}
+            for key, buf in client.fetch_blobs(head, keys).items():
+                ts = tensor_codec.decode(buf, key)
+                shards[key] = {name: t * 1.001 for name, t in ts.items()}
+            res = client.commit(args.model, head.version, shards)
+            t_commit = time.time()
+            lat[phase].append(wait_all(res.manifest.version, t_commit))
+            if c % 10 == 9:
+                client.collect_garbage(keep_last=3)
+            time.sleep(args.gap)
+        windows[phase] = (t_phase, time.time())
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=120)
+    fwd: dict[str, list[float]] = {k: [] for k in windows}
+    for i in range(n):
+        d = json.loads((tmp / f"node-{i}.json").read_text())
+        for wall, secs, _ in d["passes"]:
+            for k, (a, b) in windows.items():
+                if a <= wall <= b:
+                    fwd[k].append(secs)
+    client.close()
+    applied.close()
+    r.close()
+    return {
+        "nodes": n,
+        "expert_mib": expert_bytes / 2**20,
+        "k_ten": k_ten,
+        "lat": lat,
+        "fwd": fwd,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd")
+    nd = sub.add_parser("node", help="(internal) one serving node")
+    nd.add_argument("--target", required=True)
+    nd.add_argument("--model", required=True)
+    nd.add_argument("--budget", type=int, required=True)
+    nd.add_argument("--layers", type=int, required=True)
+    nd.add_argument("--rate", type=float, required=True)
+    nd.add_argument("--node-id", required=True)
+    nd.add_argument("--out", required=True)
+    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--commits", type=int, default=50)
+    ap.add_argument("--rate", type=float, default=10.0, help="passes/s per node")
+    ap.add_argument("--quiet", type=float, default=10.0, help="seconds, no swaps")
+    ap.add_argument("--gap", type=float, default=0.2, help="seconds between commits")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=2816)
+    ap.add_argument("--model", default="bench-moe")
+    args = ap.parse_args()
+    if args.cmd == "node":
+        node_main(args)
+        return
+
+    from loaders.client import ParamClient
+    from param_server.checkpoints import import_checkpoint
+    from param_server.daemon import spawn_daemon
+    from param_server.store import Store
+
+    with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as d:
+        tmp = Path(d)
+        build_model(tmp / "ckpt", args)
+        import_checkpoint(Store(tmp / "store"), tmp / "ckpt", args.model)
+        results = []
+        with spawn_daemon(tmp / "store") as daemon:
+            with ParamClient(daemon.target) as c:
+                url = c.announce_url()
+            assert url is not None
+            for n in args.nodes:
+                print(f"--- {n} node(s)", flush=True)
+                results.append(run_fleet(n, daemon.target, url, args, tmp))
+    print()
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, torch {torch.__version__}; "
+        f"{args.layers} layers x {args.experts} experts of "
+        f"{results[0]['expert_mib']:.1f} MiB (fp32); nodes serve at "
+        f"{args.rate:g} passes/s each, {args.commits} commits per phase"
+    )
+    print()
+    print(
+        "| nodes | change | commit -> applied on every node p50 | p99 | max "
+        "| forward p50 / p99, no swaps | with swaps | p99 ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for res in results:
+        fwd = res["fwd"]
+        lat = res["lat"]
+        assert isinstance(fwd, dict) and isinstance(lat, dict)
+        base = fwd["none"]
+        for phase, label in (
+            ("one", "1 expert"),
+            ("ten", f"10 % ({res['k_ten']} experts)"),
+        ):
+            xs = lat[phase]
+            swaps = fwd[phase]
+            print(
+                f"| {res['nodes']} | {label} | {1000 * statistics.median(xs):.0f} ms "
+                f"| {1000 * pct(xs, 0.99):.0f} ms | {1000 * max(xs):.0f} ms "
+                f"| {1000 * pct(base, 0.5):.1f} / {1000 * pct(base, 0.99):.1f} ms "
+                f"| {1000 * pct(swaps, 0.5):.1f} / {1000 * pct(swaps, 0.99):.1f} ms "
+                f"| {pct(swaps, 0.99) / pct(base, 0.99):.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
