@@ -1,9 +1,12 @@
 """What inference nodes import: the parameter-server client, the lazy expert
-cache, and transformers MoE models whose experts load on demand."""
+cache, transformers MoE models whose experts load on demand, and the hot
+swapper that keeps them on the newest version."""
 
 from loaders.cache import CacheStats, ExpertFetchError, LazyExpertLoader
 from loaders.client import FetchStats, ParamClient
+from loaders.hotswap import HotSwapper, SwapError
 from loaders.models import FAMILIES, LazyFamily, LazyModel, load_lazy_model
+from param_server.announce import NodeStatus
 from param_server.store import CommitResult, GcResult
 
 __all__ = [
@@ -13,9 +16,12 @@ __all__ = [
     "ExpertFetchError",
     "FetchStats",
     "GcResult",
+    "HotSwapper",
     "LazyExpertLoader",
     "LazyFamily",
     "LazyModel",
+    "NodeStatus",
     "ParamClient",
+    "SwapError",
     "load_lazy_model",
 ]

@@ -104,7 +104,7 @@ class HotSwapper:
         max_backoff: float = 5.0,
         on_error: ErrorHandler | None = None,
         on_swap: Callable[[int, int], None] | None = None,
-        background_nice: int = 10,
+        background_nice: int = 19,
     ) -> None:
         if heartbeat_interval <= 0 or reconcile_interval <= 0 or max_backoff <= 0:
             raise InvalidInputError("intervals and backoff must be positive")
@@ -136,6 +136,7 @@ class HotSwapper:
         self._last_flip_us: float | None = None
         self._head = lazy.manifest.version
         self._pin: int | None = None
+        self._refused: int | None = None  # a version this model cannot take
         self._errors = 0
         self._last_error: str | None = None
         self._redis_up = False
@@ -297,7 +298,10 @@ class HotSwapper:
         with self._applied_changed:
             self._applied_changed.notify_all()
         if self._on_swap is not None:
-            self._on_swap(old, self._applied)
+            try:
+                self._on_swap(old, self._applied)
+            except Exception:  # a callback must not break serving
+                logger.exception("on_swap callback failed")
 
     # --- what the node asks for -------------------------------------------------------
 
@@ -395,13 +399,21 @@ class HotSwapper:
         self._head = target.version if pin is None else self.client.head(self.model)
         with self._gate:
             pending = self._pending
-            if (target.version == self._applied and pending is None) or (
-                pending is not None and pending.manifest.version == target.version
+            if (
+                (target.version == self._applied and pending is None)
+                or (pending is not None and pending.manifest.version == target.version)
+                or target.version == self._refused
             ):
                 self.checks += 1
                 return
         while True:
-            prepared = self._prepare(target, learned)
+            try:
+                prepared = self._prepare(target, learned)
+            except (SwapError, InvalidInputError):
+                # Retrying cannot help: wait for another version (or a pin).
+                self._refused = target.version
+                self.checks += 1
+                raise
             with self._gate:
                 if prepared.base is not self.lazy.manifest:
                     # An older pending version was applied meanwhile: what

@@ -31,10 +31,17 @@ _LAZY = {
     "serve": "param_server.service",
     "import_checkpoint": "param_server.checkpoints",
     "export_checkpoint": "param_server.checkpoints",
+    "Announcement": "param_server.announce",
+    "Announcer": "param_server.announce",
+    "EmbeddedRedis": "param_server.redis_server",
+    "RedisMissingError": "param_server.redis_server",
 }
 
 __all__ = [
+    "Announcement",
+    "Announcer",
     "CommitResult",
+    "EmbeddedRedis",
     "FileEntry",
     "GcResult",
     "IntegrityError",
@@ -42,6 +49,7 @@ __all__ = [
     "Manifest",
     "NotFoundError",
     "ParamServerError",
+    "RedisMissingError",
     "SchemaMismatchError",
     "ServerConfig",
     "ShardEntry",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
@@ -14,6 +17,9 @@ from param_server.checkpoints import export_checkpoint, import_checkpoint
 from param_server.daemon import spawn_daemon
 from param_server.errors import StaleParentError
 from param_server.store import Store
+
+if TYPE_CHECKING:
+    from loaders.client import ParamClient
 
 
 def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) -> None:
@@ -101,33 +107,7 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
                     )
 
             with ParamClient(daemon.target) as client:
-                key = "layers.0.experts.0"
-                tensors = client.fetch_shards("tiny-mixtral", [key], manifest=manifest)[
-                    key
-                ]
-                updated = {n: t.clone() * 0.5 for n, t in tensors.items()}
-                c = client.commit(
-                    "tiny-mixtral",
-                    manifest.version,
-                    {key: updated},
-                    author="demo",
-                    message="halve one expert",
-                )
-                say(
-                    f"5. committed tiny-mixtral@{c.manifest.version} changing {key}: "
-                    f"{c.blobs_written} blob, {c.bytes_written / 1024:.1f} KiB written"
-                )
-                try:
-                    client.commit("tiny-mixtral", manifest.version, {key: updated})
-                except StaleParentError as e:
-                    say(
-                        f"6. a second commit on the stale parent was refused: "
-                        f"{type(e).__name__}"
-                    )
-                prev, head = client.rollback(
-                    "tiny-mixtral", manifest.version, message="demo rollback"
-                )
-                say(f"7. rolled back HEAD {prev} -> {head}")
+                _live_node_and_swaps(client, manifest.version, say)
 
             out = export_checkpoint(Store(store), "tiny-mixtral", work / "exported")
             again = AutoModelForCausalLM.from_pretrained(out).eval()  # type: ignore[no-untyped-call]
@@ -135,13 +115,96 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
             with torch.no_grad():
                 same = torch.equal(model(ids).logits, again(ids).logits)
             say(
-                f"8. exported HEAD to a Hugging Face folder; reloaded logits "
+                f"9. exported HEAD to a Hugging Face folder; reloaded logits "
                 f"{'are identical' if same else 'DIFFER'} to the original"
             )
         finally:
             code = daemon.stop()
-            say(f"9. daemon stopped on SIGTERM with exit status {code}")
+            say(f"10. daemon stopped on SIGTERM with exit status {code}")
         if not same:
             raise SystemExit(1)
     if store_dir is not None:
         say(f"store kept at {os.fspath(store_dir)}")
+
+
+def _live_node_and_swaps(
+    client: ParamClient, base: int, say: Callable[[str], None]
+) -> None:
+    """A live lazy model serving in a thread while versions come and go."""
+    from loaders.hotswap import HotSwapper
+    from loaders.models import load_lazy_model
+
+    model = "tiny-mixtral"
+    sizes = [
+        s.size for k, s in client.get_manifest(model).shards.items() if ".experts." in k
+    ]
+    lazy = load_lazy_model(client, model, budget_bytes=sum(sizes) // 2)
+    swapper = HotSwapper(lazy, node_id="demo-node").start()
+    ids = torch.randint(0, 512, (1, 16))
+    stop = threading.Event()
+    passes: list[tuple[float, int]] = []
+
+    def serve() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                t = time.perf_counter()
+                with swapper.hold() as v:
+                    lazy.model(ids)
+                passes.append((time.perf_counter() - t, v))
+
+    thread = threading.Thread(target=serve, name="demo-serving")
+    thread.start()
+    try:
+        while not passes:
+            time.sleep(0.01)
+        say(
+            f"5. a live node serves {model}@{swapper.applied_version} with half of "
+            f"its experts' bytes as budget, subscribed to "
+            f"paramserver:versions:{model}"
+        )
+        key = "layers.0.experts.0"
+        tensors = client.fetch_shards(model, [key], version=base)[key]
+        updated = {n: t.clone() * 0.5 for n, t in tensors.items()}
+        before = len(passes)
+        c = client.commit(
+            model, base, {key: updated}, author="demo", message="halve one expert"
+        )
+        t0 = time.perf_counter()
+        swapped = swapper.wait_for_version(c.manifest.version, 10)
+        dt = time.perf_counter() - t0
+        st = swapper.status()
+        worst = max(p[0] for p in passes[before:] or passes)
+        say(
+            f"6. committed {model}@{c.manifest.version} changing {key} "
+            f"({c.blobs_written} blob); the node "
+            + (
+                f"swapped to it {dt * 1000:.0f} ms after the commit returned "
+                f"(pointer flip {st.last_flip_us or 0:.0f} us), serving on: "
+                f"{len(passes) - before} forward passes meanwhile, slowest "
+                f"{worst * 1000:.1f} ms"
+                if swapped
+                else "did NOT swap within 10 s"
+            )
+        )
+        try:
+            client.commit(model, base, {key: updated})
+        except StaleParentError as e:
+            say(f"7. a commit on the stale parent was refused: {type(e).__name__}")
+        prev, head = client.rollback(model, base, message="demo rollback")
+        t0 = time.perf_counter()
+        followed = swapper.wait_for_version(head, 10)
+        say(
+            f"8. rolled back HEAD {prev} -> {head}; the node "
+            + (
+                f"followed in {(time.perf_counter() - t0) * 1000:.0f} ms"
+                if followed
+                else "did NOT follow within 10 s"
+            )
+        )
+        if not (swapped and followed):
+            raise SystemExit(1)
+    finally:
+        stop.set()
+        thread.join()
+        swapper.stop()
+        lazy.close()

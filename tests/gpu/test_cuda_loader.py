@@ -66,3 +66,37 @@ def test_cuda_logits_equal_eager_on_cuda(
         assert lm.loader._copy_stream is not None
         assert lm.loader._copy_stream != torch.cuda.current_stream()
         lm.close()
+
+
+def test_cuda_hot_swap_matches_a_fresh_load(target: str) -> None:
+    """Dense tensors and resident experts of a new version land on the GPU
+    (no Redis here: the swapper is told to check by hand)."""
+    from loaders.hotswap import HotSwapper
+    from param_server import tensor_codec
+    from param_server.redis_server import free_port
+
+    tag = "mixtral-float32"
+    ids = torch.arange(96, device="cuda").remainder(128).view(2, 48)
+    with ParamClient(target) as c:
+        lm = load_lazy_model(c, tag, budget_bytes=10**9, device="cuda")
+        with torch.no_grad():
+            before = lm.model(ids).logits
+        sw = HotSwapper(lm, redis_url=f"redis://127.0.0.1:{free_port()}/0").start()
+        m = c.get_manifest(tag)
+        keys = ["layers.0.dense", "layers.1.experts.0", "layers.0.experts.1"]
+        shards = {
+            k: {n: t * 1.01 for n, t in tensor_codec.decode(buf, k).items()}
+            for k, buf in c.fetch_blobs(m, keys).items()
+        }
+        v2 = c.commit(tag, m.version, shards).manifest.version
+        sw.reconcile_now()
+        assert sw.wait_for_version(v2, 30)
+        fresh = load_lazy_model(c, tag, budget_bytes=10**9, device="cuda")
+        with torch.no_grad():
+            got = lm.model(ids).logits
+            assert torch.equal(got, fresh.model(ids).logits)
+        assert not torch.equal(got, before)
+        assert all(p.is_cuda for p in lm.model.parameters())
+        sw.stop()
+        lm.close()
+        fresh.close()

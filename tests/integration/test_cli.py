@@ -25,6 +25,7 @@ COMMANDS = [
     "pin",
     "gc",
     "fsck",
+    "status",
     "demo",
 ]
 
@@ -168,3 +169,4 @@ def test_demo_runs_end_to_end() -> None:
         "logits are identical" in p.stdout
         and "bit-exact to the checkpoint: True" in p.stdout
     )
+    assert "the node swapped to it" in p.stdout and "the node followed" in p.stdout

@@ -383,3 +383,27 @@ def test_status_shows_the_fleet_and_forgets_dead_nodes(live: Live) -> None:
     wait_until(lambda: "node-b" not in fleet(), 5, "node-b's heartbeat to expire")
     assert "node-a" in fleet()
     assert a.status().applied_version == v2  # also readable locally
+
+
+def test_a_version_the_live_model_cannot_take_is_refused_once(
+    live: Live, tmp_path: Path
+) -> None:
+    errors: list[BaseException] = []
+    lm, sw = live.node(1.0, on_error=errors.append, max_backoff=0.1)
+    m = live.client.get_manifest(MODEL)
+    cfg = json.loads(
+        bytes(live.client.fetch_blobs(m, [], files=["config.json"])["config.json"])
+    )
+    cfg["num_experts_per_tok"] = 1
+    v2 = live.client.commit(
+        MODEL, 1, {}, files={"config.json": json.dumps(cfg).encode()}
+    ).manifest.version
+    wait_until(lambda: bool(errors), 5, "the refusal")
+    assert "config.json" in str(errors[0]) and "restart" in str(errors[0])
+    for _ in range(2):  # later checks (an announcement, the timer) see it again
+        checks = sw.checks
+        sw.reconcile_now()
+        wait_until(lambda: sw.checks > checks, 5, "a later check")  # noqa: B023
+    assert len(errors) == 1  # refused once, not retried in a loop
+    assert sw.applied_version == 1 and sw.status().head_version == v2
+    assert logits(lm) == live.ref(1, tmp_path)
