@@ -59,7 +59,12 @@ def node_main(args: argparse.Namespace) -> None:
     lm = load_lazy_model(client, args.model, budget_bytes=args.budget)
     for layer in range(args.layers):
         lm.loader.pin(layer, [0, 1])
-    sw = HotSwapper(lm, node_id=args.node_id, heartbeat_interval=1.0).start()
+    sw = HotSwapper(
+        lm,
+        node_id=args.node_id,
+        heartbeat_interval=1.0,
+        background_nice=args.nice,
+    ).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     ids = torch.tensor([[7]])
@@ -118,6 +123,7 @@ def run_fleet(
         cmd += ["--model", args.model, "--budget", str(budget)]
         cmd += ["--layers", str(args.layers), "--rate", str(args.rate / n)]
         cmd += ["--node-id", f"node-{i}", "--out", str(tmp / f"node-{i}.json")]
+        cmd += ["--nice", str(args.nice)]
         procs.append(subprocess.Popen(cmd))
     r = redis_client(url)
     deadline = time.monotonic() + 300
@@ -128,6 +134,8 @@ def run_fleet(
     applied = r.pubsub()  # type: ignore[no-untyped-call]
     applied.subscribe(APPLIED_PREFIX + args.model)
     time.sleep(2.0)  # every node warmed up and serving
+
+    flips: list[float] = []
 
     def wait_all(version: int, t_commit: float) -> float:
         seen: dict[str, float] = {}
@@ -140,6 +148,7 @@ def run_fleet(
                 d = json.loads(msg["data"])
                 if d["version"] == version:
                     seen[d["node"]] = d["time"]
+                    flips.append(d["flip_us"])
         return max(seen.values()) - t_commit
 
     rng = random.Random(0)
@@ -203,6 +212,7 @@ def run_fleet(
         "k_ten": k_ten,
         "lat": lat,
         "fwd": fwd,
+        "flips": flips,
     }
 
 
@@ -217,8 +227,12 @@ def main() -> None:
     nd.add_argument("--rate", type=float, required=True)
     nd.add_argument("--node-id", required=True)
     nd.add_argument("--out", required=True)
+    nd.add_argument("--nice", type=int, required=True)
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--commits", type=int, default=50)
+    ap.add_argument(
+        "--nice", type=int, default=19, help="HotSwapper background_nice of the nodes"
+    )
     ap.add_argument(
         "--rate",
         type=float,
@@ -294,6 +308,14 @@ def main() -> None:
                 f"| {ms(base)} | {ms(decoy)} | {ms(swaps)} "
                 f"| {pct(swaps, 0.99) / pct(decoy, 0.99):.2f}x |"
             )
+    print()
+    for res in results:
+        fl = res["flips"]
+        assert isinstance(fl, list)
+        print(
+            f"{res['nodes']} node(s): pointer flip p50 {pct(fl, 0.5):.0f} us, "
+            f"p99 {pct(fl, 0.99):.0f} us, max {max(fl):.0f} us over {len(fl)} flips"
+        )
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ class HotSwapper:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._swapped = threading.Event()
-        self._applied_log: deque[tuple[int, float]] = deque(maxlen=256)
+        self._applied_log: deque[tuple[int, float, float]] = deque(maxlen=256)
         self._hooks: list[Any] = []
         self._threads: list[threading.Thread] = []
         self.announcements = 0
@@ -293,7 +293,7 @@ class HotSwapper:
         self._last_swap = now
         self._last_swap_ms = (time.monotonic() - p.learned_at) * 1000
         self._swaps += 1
-        self._applied_log.append((self._applied, now))
+        self._applied_log.append((self._applied, now, self._last_flip_us))
         self._swapped.set()
         with self._applied_changed:
             self._applied_changed.notify_all()
@@ -490,6 +490,11 @@ class HotSwapper:
                     f"the server at {self.client.target} does not announce versions; "
                     "start it with announcements on, or pass redis_url"
                 )
+            if ":***@" in url:
+                raise SwapError(
+                    f"the server announces on {url}, which needs a password it does "
+                    "not hand out: pass redis_url with the password"
+                )
             self._redis_url = url
         assert self._redis_url is not None
         return self._redis_url
@@ -515,10 +520,21 @@ class HotSwapper:
                                 "%s: subscribed on %s", self.model, redact(self._url())
                             )
                         self._redis_up = True
+                        failed = False
                         delay = 0.05
                         self._wake.set()
                     elif msg["type"] == "message":
                         self._on_message(msg["data"])
+            except redis.AuthenticationError as e:
+                self._redis_up = False
+                if not failed:  # once per outage, not every retry
+                    self._report(
+                        SwapError(
+                            f"Redis at {redact(self._redis_url or '')} refused the "
+                            f"credentials ({e}); check redis_url"
+                        )
+                    )
+                failed = True
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 if self._redis_up:
                     logger.warning(
@@ -572,11 +588,16 @@ class HotSwapper:
                 ttl = max(1, int(self.heartbeat_interval * 3 + 0.999))
                 r.set(node_key(self.model, self.node_id), status.to_json(), ex=ttl)
                 while self._applied_log:
-                    version, at = self._applied_log[0]
+                    version, at, flip_us = self._applied_log[0]
                     r.publish(
                         APPLIED_PREFIX + self.model,
                         json.dumps(
-                            {"node": self.node_id, "version": version, "time": at}
+                            {
+                                "node": self.node_id,
+                                "version": version,
+                                "time": at,
+                                "flip_us": round(flip_us, 1),
+                            }
                         ),
                     )
                     self._applied_log.popleft()

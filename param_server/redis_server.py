@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -50,10 +51,16 @@ class EmbeddedRedis:
         port: the port (0 picks a free one).
         supervise: restart the server when it exits unexpectedly.
         binary: the executable (found on PATH by default).
+        password: require this password (AUTH) from clients.
     """
 
     def __init__(
-        self, *, port: int = 0, supervise: bool = True, binary: str | None = None
+        self,
+        *,
+        port: int = 0,
+        supervise: bool = True,
+        binary: str | None = None,
+        password: str | None = None,
     ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
@@ -63,6 +70,7 @@ class EmbeddedRedis:
                 "with --redis redis://host:port"
             )
         self.binary = found
+        self._password = password
         self.port = port
         self.supervise = supervise
         self.restarts = 0
@@ -74,7 +82,8 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self._password}@" if self._password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -125,6 +134,14 @@ class EmbeddedRedis:
             str(self._dir / "redis.log"),
         ]
         self._dir.mkdir(parents=True, exist_ok=True)
+        conf = None
+        if self._password:
+            # In a private file, not on the command line (where ps shows it).
+            conf = self._dir / "redis.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f'requirepass "{self._password}"\n')
+            cmd.insert(1, str(conf))
         with self._lock:
             self._proc = subprocess.Popen(
                 cmd,
@@ -134,7 +151,11 @@ class EmbeddedRedis:
             )
             proc = self._proc
         client = redis.Redis(
-            host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1
+            host="127.0.0.1",
+            port=port,
+            password=self._password,
+            socket_connect_timeout=0.5,
+            socket_timeout=1,
         )
         deadline = time.monotonic() + timeout
         try:

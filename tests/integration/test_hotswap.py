@@ -407,3 +407,42 @@ def test_a_version_the_live_model_cannot_take_is_refused_once(
     assert len(errors) == 1  # refused once, not retried in a loop
     assert sw.applied_version == 1 and sw.status().head_version == v2
     assert logits(lm) == live.ref(1, tmp_path)
+
+
+def test_redis_with_a_password(
+    tmp_path: Path, checkpoints: dict[str, Checkpoint]
+) -> None:
+    root = tmp_path / "store"
+    import_checkpoint(Store(root), checkpoints["mixtral-float32"].path, MODEL)
+    with EmbeddedRedis(supervise=False, password="s3cret-pw").start() as red:
+        assert red.url.startswith("redis://:s3cret-pw@")
+        daemon = spawn_daemon(root, redis_url=red.url)
+        c = ParamClient(daemon.target, same_host=False, retries=1)
+        try:
+            shown = c.announce_url()
+            assert shown is not None and "s3cret" not in shown  # never handed out
+            lm = load_lazy_model(c, MODEL, budget_bytes=10**9)
+            errors: list[BaseException] = []
+            guessing = HotSwapper(lm, on_error=errors.append).start()
+            wait_until(lambda: bool(errors), 10, "the complaint")
+            assert "pass redis_url" in str(errors[0])
+            guessing.stop()
+            wrong = red.url.replace("s3cret-pw", "wrong")
+            errors.clear()
+            bad = HotSwapper(lm, redis_url=wrong, on_error=errors.append).start()
+            wait_until(lambda: bool(errors), 10, "the refusal")
+            assert "refused the credentials" in str(errors[0])
+            assert "wrong" not in str(errors[0])  # the password is not logged
+            assert not bad.status().redis_connected
+            bad.stop()
+            with HotSwapper(lm, redis_url=red.url) as sw:
+                wait_until(lambda: sw.status().redis_connected, 10, "subscription")
+                m = c.get_manifest(MODEL)
+                key = expert_key(0, 0)
+                t = tensor_codec.decode(c.fetch_blobs(m, [key])[key], key)
+                v2 = c.commit(MODEL, 1, {key: {n: x * 2 for n, x in t.items()}})
+                assert sw.wait_for_version(v2.manifest.version, 5)
+            lm.close()
+        finally:
+            c.close()
+            daemon.stop()
