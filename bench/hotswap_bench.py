@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--commits", type=int, default=50)
     ap.add_argument(
-        "--nice", type=int, default=19, help="HotSwapper background_nice of the nodes"
+        "--nice", type=int, default=0, help="HotSwapper background_nice of the nodes"
     )
     ap.add_argument(
         "--rate",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,21 +189,23 @@ def test_serving_thread_sees_exactly_one_version_per_pass(
 def test_generation_holds_one_version(live: Live) -> None:
     lm, sw = live.node(1.0)
     args = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
-    started = threading.Event()
+    started, ready = threading.Event(), threading.Event()
     out: dict[str, object] = {}
 
     def generate() -> None:
         with sw.hold() as v, torch.no_grad():
             started.set()
-            time.sleep(0.3)  # the commit lands while the request runs
+            ready.wait(10)  # a new version is prepared and waiting
             out["v"] = v
             out["tokens"] = lm.model.generate(PROMPT[:1, :8], **args)
             out["after"] = sw.applied_version
 
     t = threading.Thread(target=generate)
     t.start()
-    started.wait()
+    started.wait(10)
     v2 = live.bump(dense=("layers.0.dense",), experts=((0, 0), (1, 1)))
+    wait_until(lambda: sw.status().pending_version == v2, 10, "v2 to be prepared")
+    ready.set()
     t.join()
     assert out["v"] == 1 and out["after"] == 1  # no flip inside the request
     assert sw.wait_for_version(v2, 5)  # applied once the request ended
@@ -221,7 +222,11 @@ def test_redis_outage_then_every_node_converges_within_2s(live: Live) -> None:
     v = 1
     for i in range(3):  # commits go on while Redis is down
         v = live.bump(experts=((0, i),), dense=("global",), seed=i)
-    time.sleep(0.3)
+    wait_until(
+        lambda: not any(sw.status().redis_connected for _, sw in nodes),
+        5,
+        "the nodes to notice the outage",
+    )
     assert all(sw.applied_version == 1 for _, sw in nodes)  # nobody could hear
     live.redis.start()
     took = wait_until(
