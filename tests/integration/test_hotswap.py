@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from click.testing import CliRunner
 
@@ -451,3 +453,102 @@ def test_redis_with_a_password(
         finally:
             c.close()
             daemon.stop()
+
+
+def _tls_files(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 (ca, cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "redis")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (d / "ca.pem", d / "cert.pem", d / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def test_redis_over_tls(tmp_path: Path, checkpoints: dict[str, Checkpoint]) -> None:
+    root = tmp_path / "store"
+    import_checkpoint(Store(root), checkpoints["mixtral-float32"].path, MODEL)
+    ca, cert, key = _tls_files(tmp_path)
+    port = free_port()
+    red = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+         "--requirepass", "tls-pw", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"rediss://:tls-pw@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    try:
+        r = redis_client(url)
+
+        def up() -> bool:
+            try:
+                return bool(r.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 10, "redis-server over TLS")
+        plain = redis_client(f"redis://:tls-pw@127.0.0.1:{port}/0", timeout=0.5)
+        with pytest.raises(redis.ConnectionError):
+            plain.ping()  # only TLS is spoken there
+        with (
+            spawn_daemon(root, redis_url=url) as daemon,
+            ParamClient(daemon.target, same_host=False) as c,
+        ):
+            lm = load_lazy_model(c, MODEL, budget_bytes=10**9)
+            with HotSwapper(lm, redis_url=url) as sw:
+                wait_until(lambda: sw.status().redis_connected, 10, "subscription")
+                m = c.get_manifest(MODEL)
+                k = expert_key(1, 1)
+                t = tensor_codec.decode(c.fetch_blobs(m, [k])[k], k)
+                v2 = c.commit(MODEL, 1, {k: {n: x * 2 for n, x in t.items()}})
+                assert sw.wait_for_version(v2.manifest.version, 5)
+            lm.close()
+    finally:
+        red.terminate()
+        red.wait()
