@@ -104,10 +104,16 @@ def logits(lm: LazyModel) -> str:
 
 @pytest.fixture
 def live(
-    tmp_path: Path, checkpoints: dict[str, Checkpoint], redis_srv: EmbeddedRedis
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    checkpoints: dict[str, Checkpoint],
+    redis_srv: EmbeddedRedis,
 ) -> Iterator[Live]:
+    """Served as MODEL: mixtral-float32, or the checkpoint named by indirect
+    parametrisation."""
+    tag = getattr(request, "param", "mixtral-float32")
     root = tmp_path / "store"
-    import_checkpoint(Store(root), checkpoints["mixtral-float32"].path, MODEL)
+    import_checkpoint(Store(root), checkpoints[tag].path, MODEL)
     announcer = Announcer(Store(root), redis_srv.url, poll_interval=0.2)
     srv, port, _ = create_server(
         ServerConfig(store=root, listen="127.0.0.1:0"), announcer=announcer
@@ -127,6 +133,9 @@ def live(
         srv.stop(0).wait()
 
 
+@pytest.mark.parametrize(
+    "live", ["mixtral-float32", "qwen3_moe-bfloat16"], indirect=True
+)
 def test_serving_thread_sees_exactly_one_version_per_pass(
     live: Live, tmp_path: Path
 ) -> None:
