@@ -52,6 +52,8 @@ class EmbeddedRedis:
         supervise: restart the server when it exits unexpectedly.
         binary: the executable (found on PATH by default).
         password: require this password (AUTH) from clients.
+        workdir: its working directory and log (kept); default a temporary
+            directory, removed on `stop`.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class EmbeddedRedis:
         supervise: bool = True,
         binary: str | None = None,
         password: str | None = None,
+        workdir: Path | None = None,
     ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
@@ -75,7 +78,8 @@ class EmbeddedRedis:
         self.supervise = supervise
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="param-server-redis-"))
+        self._own_dir = workdir is None
+        self._dir = workdir or Path(tempfile.mkdtemp(prefix="param-server-redis-"))
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -217,7 +221,8 @@ class EmbeddedRedis:
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:
         return self

@@ -459,19 +459,21 @@ def serve(
 
 
 def _start_embedded_redis(store: Path) -> EmbeddedRedis:
-    """A private Redis, on the port it had last time when that is free, so
+    """A private Redis working in `<store>/redis` (so a crash leaves nothing
+    behind elsewhere), on the port it had last time when that is free, so
     nodes subscribed before a daemon restart find it again."""
-    hint = Path(store) / "REDIS_PORT"
+    workdir = Path(store) / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    hint = workdir / "port"
     try:
         port = int(hint.read_text())
     except (OSError, ValueError):
         port = 0
     try:
-        embedded = EmbeddedRedis(port=port).start()
+        embedded = EmbeddedRedis(port=port, workdir=workdir).start()
     except UnavailableError:
-        embedded = EmbeddedRedis().start()
+        embedded = EmbeddedRedis(workdir=workdir).start()
     with contextlib.suppress(OSError):
-        hint.parent.mkdir(parents=True, exist_ok=True)
         hint.write_text(str(embedded.port))
     return embedded
 
