@@ -314,46 +314,41 @@ class Announcer:
         except NotFoundError:  # collected since
             return None
 
-    def _send_record(self, model: str, rec: dict[str, Any]) -> None:
-        version = int(rec["version"])
-        previous = int(rec["parent"] if rec["action"] == "commit" else rec["from"])
+    def _send(
+        self, kind: str, model: str, version: int, previous: int, time: str, seq: int
+    ) -> None:
+        """Publishes `version` as a move from `previous` (changes diffed here)."""
         new = self.store.get_manifest(model, version)
         changed, removed = new.diff(self._manifest(model, previous))
         self._publish(
             Announcement(
-                kind=rec["action"],
+                kind=kind,
                 model=model,
                 version=version,
                 previous=previous,
                 parent=new.parent,
                 changed=changed,
                 removed=removed,
-                time=str(rec.get("time", "")),
-                seq=int(rec["seq"]),
-                store_id=self.store.store_id,
-                provenance=_summary(new),
-            )
-        )
-
-    def _send_head(self, model: str, head: int, seq: int) -> None:
-        new = self.store.get_manifest(model, head)
-        previous = self._announced.get(model, 0)
-        changed, removed = new.diff(self._manifest(model, previous))
-        self._publish(
-            Announcement(
-                kind="head",
-                model=model,
-                version=head,
-                previous=previous,
-                parent=new.parent,
-                changed=changed,
-                removed=removed,
-                time=utc_now(),
+                time=time,
                 seq=seq,
                 store_id=self.store.store_id,
                 provenance=_summary(new),
             )
         )
+
+    def _send_record(self, model: str, rec: dict[str, Any]) -> None:
+        previous = rec["parent"] if rec["action"] == "commit" else rec["from"]
+        self._send(
+            rec["action"],
+            model,
+            int(rec["version"]),
+            int(previous),
+            str(rec.get("time", "")),
+            int(rec["seq"]),
+        )
+
+    def _send_head(self, model: str, head: int, seq: int) -> None:
+        self._send("head", model, head, self._announced.get(model, 0), utc_now(), seq)
         self._catch_up.discard(model)
         self._seq[model] = seq
 

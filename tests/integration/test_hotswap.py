@@ -425,6 +425,17 @@ def test_a_version_the_live_model_cannot_take_is_refused_once(
     assert logits(lm) == live.ref(1, tmp_path)
 
 
+def assert_swaps_over(url: str, c: ParamClient, lm: LazyModel) -> None:
+    """A node subscribed on `url` applies a commit of one doubled expert."""
+    with HotSwapper(lm, redis_url=url) as sw:
+        wait_until(lambda: sw.status().redis_connected, 10, "subscription")
+        m = c.get_manifest(MODEL)
+        key = expert_key(1, 1)
+        t = tensor_codec.decode(c.fetch_blobs(m, [key])[key], key)
+        v = c.commit(MODEL, m.version, {key: {n: x * 2 for n, x in t.items()}})
+        assert sw.wait_for_version(v.manifest.version, 5)
+
+
 def test_redis_with_a_password(
     tmp_path: Path, checkpoints: dict[str, Checkpoint]
 ) -> None:
@@ -451,13 +462,7 @@ def test_redis_with_a_password(
             assert "wrong" not in str(errors[0])  # the password is not logged
             assert not bad.status().redis_connected
             bad.stop()
-            with HotSwapper(lm, redis_url=red.url) as sw:
-                wait_until(lambda: sw.status().redis_connected, 10, "subscription")
-                m = c.get_manifest(MODEL)
-                key = expert_key(0, 0)
-                t = tensor_codec.decode(c.fetch_blobs(m, [key])[key], key)
-                v2 = c.commit(MODEL, 1, {key: {n: x * 2 for n, x in t.items()}})
-                assert sw.wait_for_version(v2.manifest.version, 5)
+            assert_swaps_over(red.url, c, lm)
             lm.close()
         finally:
             c.close()
@@ -550,13 +555,7 @@ def test_redis_over_tls(tmp_path: Path, checkpoints: dict[str, Checkpoint]) -> N
             ParamClient(daemon.target, same_host=False) as c,
         ):
             lm = load_lazy_model(c, MODEL, budget_bytes=10**9)
-            with HotSwapper(lm, redis_url=url) as sw:
-                wait_until(lambda: sw.status().redis_connected, 10, "subscription")
-                m = c.get_manifest(MODEL)
-                k = expert_key(1, 1)
-                t = tensor_codec.decode(c.fetch_blobs(m, [k])[k], k)
-                v2 = c.commit(MODEL, 1, {k: {n: x * 2 for n, x in t.items()}})
-                assert sw.wait_for_version(v2.manifest.version, 5)
+            assert_swaps_over(url, c, lm)
             lm.close()
     finally:
         red.terminate()
