@@ -1,0 +1,197 @@
+"""The Flower ClientApp an institution runs.
+
+Identity and data come from the SuperNode's node config:
+
+    flower-supernode ... \
+        --node-config "institution='hospital-a' data-path='/data/a.safetensors'"
+
+Under the simulation engine (no such node config) the `partition-id` Flower
+assigns picks the institution of a generated task folder (`data-root`).
+
+A train message carries the global weights; the reply carries only the
+tensors local training changed (sparse mode, stored dtype, bit-exact) or all
+of them (dense mode, for Flower's own strategies and DP clipping), with the
+example count and the tokens routed to each expert.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+
+from fed_clients.task import TaskError, check_institution, load_split, load_task
+from fed_clients.train import TrainConfig, build_model, evaluate, train_local
+from param_server.federation import protocol, wire
+
+logger = logging.getLogger(__name__)
+
+_CLIP_KEY = "clipping_norm"  # what Flower's DP wrapper puts in the train config
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    institution: str
+    data_path: Path
+
+
+def identity(context: Context, data_root: str | None = None) -> Identity:
+    """Who this node is and where its data lives.
+
+    Raises:
+        TaskError: neither an institution/data-path node config nor a
+            simulation partition with a task folder.
+    """
+    nc: Mapping[str, Any] = context.node_config
+    if "institution" in nc:
+        name = check_institution(str(nc["institution"]))
+        path = nc.get("data-path")
+        if not path:
+            raise TaskError(
+                f"institution {name!r} has no data-path in --node-config; start the "
+                "SuperNode with --node-config \"institution='NAME' data-path='FILE'\""
+            )
+        return Identity(name, Path(str(path)))
+    root = (
+        data_root
+        or context.run_config.get("data-root")
+        or os.environ.get("FED_DATA_ROOT")
+    )
+    if "partition-id" in nc and root:
+        task = load_task(str(root))
+        name = task.institutions[int(nc["partition-id"]) % len(task.institutions)]
+        return Identity(name, task.data_path(name))
+    raise TaskError(
+        "this node has no identity: start the SuperNode with --node-config "
+        "\"institution='NAME' data-path='FILE'\" (or, in simulation, set data-root)"
+    )
+
+
+def optional_clipping_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+    """Flower's `fixedclipping_mod` when the round asks for clipping, else a no-op."""
+    config = msg.content.config_records.get(protocol.CONFIG)
+    if config is not None and _CLIP_KEY in config:
+        return fixedclipping_mod(msg, ctx, call_next)
+    out: Message = call_next(msg, ctx)
+    return out
+
+
+def _received(
+    msg: Message,
+) -> tuple[ArrayRecord, dict[str, torch.Tensor], ConfigRecord]:
+    arrays = msg.content.array_records[protocol.ARRAYS]
+    config = msg.content.config_records[protocol.CONFIG]
+    return arrays, wire.from_record(arrays, "global"), config
+
+
+def _reply_metrics(
+    n: int, loss: float, tokens: Mapping[int, list[int]]
+) -> MetricRecord:
+    m = MetricRecord({protocol.NUM_EXAMPLES: n, protocol.TRAIN_LOSS: loss})
+    for layer, counts in tokens.items():
+        m[f"{protocol.TOKENS_PREFIX}{layer}"] = counts
+    return m
+
+
+def handle_train(msg: Message, who: Identity) -> Message:
+    arrays, received, config = _received(msg)
+    cfg = TrainConfig(
+        steps=int(config.get(protocol.LOCAL_STEPS, 20)),  # type: ignore[arg-type]
+        batch_size=int(config.get(protocol.BATCH_SIZE, 16)),  # type: ignore[arg-type]
+        lr=float(config.get(protocol.LEARNING_RATE, 3e-3)),  # type: ignore[arg-type]
+        trainable=str(config.get(protocol.TRAINABLE, "experts")),
+        proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+        seed=int(config.get(protocol.SEED, 0)) + sum(who.institution.encode()),  # type: ignore[arg-type]
+    )
+    data = load_split(who.data_path, "train")
+    result = train_local(str(config[protocol.MODEL_CONFIG]), received, data, cfg)
+    dense = config.get(protocol.UPDATE_MODE) == protocol.DENSE
+    out = ArrayRecord()
+    changed = 0
+    for key in arrays:  # the order sent, as Flower's clipping expects
+        new = result.tensors[key]
+        same = torch.equal(new, received[key])
+        changed += not same
+        if dense:
+            out[key] = wire_numpy(new)
+        elif not same:
+            out[key] = wire.to_array(new)
+    logger.info(
+        "%s: trained %d steps on %d documents, loss %.4f, %d tensor(s) changed",
+        who.institution,
+        cfg.steps,
+        result.num_examples,
+        result.train_loss,
+        changed,
+    )
+    content = RecordDict(
+        {
+            protocol.ARRAYS: out,
+            protocol.METRICS: _reply_metrics(
+                result.num_examples, result.train_loss, result.expert_tokens
+            ),
+            protocol.CLIENT: ConfigRecord({protocol.INSTITUTION: who.institution}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def wire_numpy(t: torch.Tensor) -> Any:
+    from flwr.app import Array
+
+    return Array(t.detach().contiguous().numpy())
+
+
+def handle_evaluate(msg: Message, who: Identity) -> Message:
+    _, received, config = _received(msg)
+    model = build_model(str(config[protocol.MODEL_CONFIG]), received)
+    data = load_split(who.data_path, "test")
+    loss = evaluate(model, data)
+    content = RecordDict(
+        {
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: len(data), protocol.EVAL_LOSS: loss}
+            ),
+            protocol.CLIENT: ConfigRecord({protocol.INSTITUTION: who.institution}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(data_root: str | None = None) -> ClientApp:
+    """The ClientApp; `data_root` names the task folder for simulation partitions."""
+    client_app = ClientApp(mods=[optional_clipping_mod])
+    # This runs as its own process per message: transformers' per-load
+    # progress bars would only bury the institution's log.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, identity(context, data_root))
+
+    @client_app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, identity(context, data_root))
+
+    return client_app
+
+
+app = make_client_app()
+"""The ClientApp `flwr run` loads (`fed_clients.app:app`)."""

@@ -1,0 +1,286 @@
+"""Update validation and expert-wise sparse weighted averaging.
+
+Each tensor is averaged over the clients that sent it, weighted by their
+example counts (or, for an expert's tensors, by the tokens routed to that
+expert when every contributor reported them); tensors nobody sent keep their
+values. Aggregation streams one tensor at a time: the only memory it adds is
+the new values themselves plus one tensor's accumulator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import Array, ArrayRecord, Message
+
+from param_server.checkpoints import parse_expert_key
+from param_server.errors import InvalidInputError, ParamServerError
+from param_server.federation import protocol, wire
+from param_server.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+
+class UpdateRejectedError(ParamServerError):
+    """A client's update failed validation; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One tensor of the model as it crosses the wire."""
+
+    key: str
+    """Wire key: the checkpoint tensor name (`name@E` for expert E's slice of
+    a fused tensor)."""
+    shard: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    expert: tuple[int, int] | None
+    """(layer, expert) when the tensor belongs to one routed expert."""
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Every tensor of one model version, by wire key (from its manifest)."""
+
+    specs: dict[str, TensorSpec]
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> Layout:
+        specs: dict[str, TensorSpec] = {}
+        for shard_key in sorted(manifest.shards):
+            expert = parse_expert_key(shard_key)
+            for t in manifest.shards[shard_key].tensors:
+                key = f"{t.name}@{expert[1]}" if t.stacked and expert else t.name
+                specs[key] = TensorSpec(
+                    key, shard_key, t.name, t.dtype, tuple(t.shape), expert
+                )
+        return cls(specs)
+
+    def shards_of(self, keys: Sequence[str]) -> set[str]:
+        return {self.specs[k].shard for k in keys}
+
+
+@dataclass(slots=True)
+class ClientUpdate:
+    """One validated reply: who sent it and the tensors it changed."""
+
+    node_id: int
+    institution: str
+    num_examples: int
+    tensors: dict[str, torch.Tensor]
+    """Wire key -> tensor viewing the reply's bytes (read-only)."""
+    expert_tokens: dict[tuple[int, int], float] = field(default_factory=dict)
+    train_loss: float | None = None
+    update_norm: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    node_id: int
+    institution: str
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "node_id": self.node_id,
+            "institution": self.institution,
+            "reason": self.reason,
+        }
+
+
+def institution_of(msg: Message) -> str:
+    """The institution a reply names, else `node-<id>`."""
+    if msg.has_error() or not msg.has_content():
+        return f"node-{msg.metadata.src_node_id}"
+    try:
+        client = msg.content.config_records.get(protocol.CLIENT)
+        if client is not None and isinstance(client.get(protocol.INSTITUTION), str):
+            return str(client[protocol.INSTITUTION])[:128]
+    except (AttributeError, KeyError, TypeError):  # a reply with an error
+        pass
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def parse_reply(
+    msg: Message,
+    layout: Layout,
+    current: Mapping[str, torch.Tensor],
+    *,
+    sent_dtypes: Mapping[str, str],
+    max_update_norm: float | None = None,
+    require_all: bool = False,
+) -> ClientUpdate:
+    """Checks one reply and returns it as a ClientUpdate.
+
+    Args:
+        current: wire key -> the global values the client started from.
+        sent_dtypes: wire key -> the dtype it was sent in; a reply must use it.
+        max_update_norm: bound on the L2 norm of (update - current) over
+            every tensor sent; None for no bound.
+        require_all: dense mode: every tensor must be present.
+
+    Raises:
+        UpdateRejectedError: with the reason, for any defect.
+    """
+    who = institution_of(msg)
+    if msg.has_error():
+        raise UpdateRejectedError(f"client error {msg.error.code}: {msg.error.reason}")
+    content = msg.content
+    metrics = content.metric_records.get(protocol.METRICS)
+    if metrics is None or protocol.NUM_EXAMPLES not in metrics:
+        raise UpdateRejectedError(
+            f"reply has no {protocol.METRICS!r} MetricRecord with "
+            f"{protocol.NUM_EXAMPLES!r}"
+        )
+    n = metrics[protocol.NUM_EXAMPLES]
+    if isinstance(n, list) or not math.isfinite(n) or n <= 0 or n != int(n):
+        raise UpdateRejectedError(
+            f"{protocol.NUM_EXAMPLES} must be a positive integer, got {n!r}"
+        )
+    records = list(content.array_records.values())
+    if len(records) != 1:
+        raise UpdateRejectedError(f"expected one ArrayRecord, got {len(records)}")
+    rec: ArrayRecord = records[0]
+
+    unknown = [k for k in rec if k not in layout.specs]
+    if unknown:
+        shown = ", ".join(repr(k[:80]) for k in unknown[:3])
+        raise UpdateRejectedError(
+            f"{len(unknown)} unknown tensor name(s): {shown}; the client's model "
+            "does not match the served one"
+        )
+    if require_all and len(rec) != len(layout.specs):
+        raise UpdateRejectedError(
+            f"dense update has {len(rec)} of {len(layout.specs)} tensors"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    sq = 0.0
+    for key, arr in rec.items():
+        spec = layout.specs[key]
+        try:
+            t = wire.from_array(arr, key)
+        except InvalidInputError as e:
+            raise UpdateRejectedError(str(e)) from e
+        want = sent_dtypes.get(key, spec.dtype)
+        got = wire.dtype_name(arr)
+        if got != want:
+            raise UpdateRejectedError(
+                f"tensor {key!r}: dtype {got} but the model's is {want}"
+            )
+        if tuple(t.shape) != spec.shape:
+            raise UpdateRejectedError(
+                f"tensor {key!r}: shape {list(t.shape)} but the model's is "
+                f"{list(spec.shape)}"
+            )
+        if t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise UpdateRejectedError(
+                    f"tensor {key!r}: {bad} NaN/Inf value(s) of {t.numel()}"
+                )
+            if max_update_norm is not None:
+                delta = t.float() - current[key].float()
+                sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+        tensors[key] = t
+    norm = math.sqrt(sq)
+    if max_update_norm is not None and norm > max_update_norm:
+        raise UpdateRejectedError(
+            f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g} "
+            "(max-update-norm)"
+        )
+
+    tokens: dict[tuple[int, int], float] = {}
+    for mkey, value in metrics.items():
+        if not mkey.startswith(protocol.TOKENS_PREFIX):
+            continue
+        try:
+            layer = int(mkey.removeprefix(protocol.TOKENS_PREFIX))
+        except ValueError:
+            raise UpdateRejectedError(f"bad metric name {mkey!r}") from None
+        counts = value if isinstance(value, list) else [value]
+        for expert, c in enumerate(counts):
+            if not math.isfinite(c) or c < 0:
+                raise UpdateRejectedError(f"{mkey}[{expert}] = {c!r} is not a count")
+            tokens[(layer, expert)] = float(c)
+    loss = metrics.get(protocol.TRAIN_LOSS)
+    return ClientUpdate(
+        node_id=msg.metadata.src_node_id,
+        institution=who,
+        num_examples=int(n),
+        tensors=tensors,
+        expert_tokens=tokens,
+        train_loss=float(loss) if isinstance(loss, int | float) else None,
+        update_norm=norm,
+    )
+
+
+def weight_of(update: ClientUpdate, spec: TensorSpec, by_tokens: bool) -> float:
+    if by_tokens and spec.expert is not None:
+        return update.expert_tokens[spec.expert]
+    return float(update.num_examples)
+
+
+def sparse_average(
+    updates: Sequence[ClientUpdate], layout: Layout
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(wire key, averaged tensor) for every tensor at least one client sent.
+
+    One tensor at a time, accumulated in float32 (float64 for float64
+    tensors) and rounded once to the stored dtype: a tensor only one client
+    sent comes back bit-exact. Expert tensors are weighted by routed tokens
+    when every contributor reported them (and they sum to more than zero),
+    otherwise everything is weighted by example counts.
+    """
+    keys = sorted({k for u in updates for k in u.tensors})
+    for key in keys:
+        spec = layout.specs[key]
+        senders = [u for u in updates if key in u.tensors]
+        by_tokens = spec.expert is not None and all(
+            spec.expert in u.expert_tokens for u in senders
+        )
+        weights = [weight_of(u, spec, by_tokens) for u in senders]
+        total = sum(weights)
+        if by_tokens and total <= 0:
+            weights = [float(u.num_examples) for u in senders]
+            total = sum(weights)
+        first = senders[0].tensors[key]
+        if len(senders) == 1:
+            yield key, first.clone()
+            continue
+        acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        if first.dtype == acc_dtype:
+            acc = torch.mul(first, weights[0] / total)  # never writes the reply
+        else:
+            acc = first.to(acc_dtype, copy=True).mul_(weights[0] / total)
+        for u, w in zip(senders[1:], weights[1:], strict=True):
+            acc.add_(u.tensors[key], alpha=w / total)
+        yield key, acc if acc.dtype == first.dtype else acc.to(first.dtype)
+
+
+def merge_into_record(
+    current: ArrayRecord, averaged: Iterator[tuple[str, torch.Tensor]]
+) -> tuple[ArrayRecord, list[str]]:
+    """A new record: `current`'s Arrays (shared, not copied) with the averaged
+    tensors replacing theirs; and the keys whose bytes actually changed.
+
+    Each averaged tensor is packed and dropped before the next is computed.
+    """
+    out = ArrayRecord()
+    replaced: dict[str, Array] = {}
+    changed: list[str] = []
+    for key, t in averaged:
+        arr = wire.to_array(t)
+        old = current.get(key)
+        if old is None or old.stype != wire.RAW_STYPE or old.data != arr.data:
+            changed.append(key)
+        replaced[key] = arr
+        del t
+    for key, arr in current.items():
+        out[key] = replaced.get(key, arr)
+    return out, changed

@@ -1,0 +1,518 @@
+"""The federation's server side: Flower rounds in, committed versions out.
+
+Each round starts from the store's HEAD of the model, sends it to the sampled
+institutions, validates every reply, aggregates the valid ones and commits
+the changed shards as a new version whose metadata says who contributed, who
+was rejected and why, and which strategy ran. The commit is announced like any
+other, so live nodes swap it in. Restarted, it continues from HEAD and the
+round counter recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from loaders.client import ParamClient
+from param_server.errors import InvalidInputError, StaleParentError
+from param_server.federation import protocol, wire
+from param_server.federation.aggregate import (
+    ClientUpdate,
+    Layout,
+    Rejection,
+    UpdateRejectedError,
+    institution_of,
+    parse_reply,
+)
+from param_server.federation.strategies import (
+    STRATEGIES,
+    SparseFedAvg,
+    build_strategy,
+)
+from param_server.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+AUTHOR = "federation"
+_NUMPY_SAFE = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FederationConfig:
+    """The server side's settings; `from_run_config` reads Flower's run config."""
+
+    model: str
+    """Model name in the store; its HEAD is where every round starts."""
+    param_server: str = "127.0.0.1:50051"
+    """Where the param-server daemon listens (host:port or grpc://host:port)."""
+    num_rounds: int = 3
+    strategy: str = "sparse-fedavg"
+    """sparse-fedavg (ours), fedavg, fedprox, fedadam or fedtrimmedavg."""
+    min_clients: int = 2
+    """Valid updates a round needs to commit; fewer and it commits nothing."""
+    min_available: int = 2
+    """Connected institutions to wait for before a round starts."""
+    fraction_train: float = 1.0
+    round_timeout: float = 600.0
+    """Seconds to wait for replies; an institution that dies mid-round is left out."""
+    local_steps: int = 20
+    batch_size: int = 16
+    lr: float = 3e-3
+    trainable: str = "experts"
+    """What institutions train: experts, experts+router, all, or a regex."""
+    weight_by_tokens: bool = True
+    max_update_norm: float = 0.0
+    """Reject an update whose L2 distance from the global model exceeds this;
+    0 for no bound."""
+    proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    server_lr: float = 0.01
+    dp_clipping_norm: float = 0.0
+    """> 0 turns on client-side fixed-clipping DP (dense strategies only)."""
+    dp_noise_multiplier: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InvalidInputError(
+                f"unknown strategy {self.strategy!r}; choose one of "
+                f"{', '.join(STRATEGIES)}"
+            )
+        if self.num_rounds < 1 or self.min_clients < 1 or self.local_steps < 1:
+            raise InvalidInputError(
+                "num-rounds, min-clients and local-steps must be at least 1"
+            )
+        if not 0 < self.fraction_train <= 1:
+            raise InvalidInputError("fraction-train must be in (0, 1]")
+        if self.max_update_norm < 0 or self.round_timeout <= 0:
+            raise InvalidInputError("max-update-norm >= 0 and round-timeout > 0")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Reads kebab-case keys (`num-rounds`, `param-server`, ...); unknown
+        keys are an error so a typo does not silently fall back to a default."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            f = names.get(key)
+            if f is None:
+                continue  # keys of the ClientApp share the run config
+            kwargs[f.name] = value
+        if "model" not in kwargs:
+            raise InvalidInputError("run config needs model='<name in the store>'")
+        for f in fields(cls):
+            if f.name in kwargs and f.type in ("float", "int"):
+                kwargs[f.name] = (float if f.type == "float" else int)(kwargs[f.name])
+        return cls(**kwargs)
+
+    @property
+    def sparse(self) -> bool:
+        return self.strategy == "sparse-fedavg"
+
+
+@dataclass(slots=True)
+class ModelState:
+    """The version a round starts from, as the server holds it."""
+
+    manifest: Manifest
+    layout: Layout
+    tensors: dict[str, torch.Tensor]
+    """Wire key -> stored values (stored dtype)."""
+    arrays: ArrayRecord
+    """What goes to clients: raw (sparse) or NumPy-compatible (dense)."""
+    sent_dtypes: dict[str, str]
+    config_json: str
+    last_round: int
+
+
+@dataclass(slots=True)
+class RoundResult:
+    round: int
+    version: int | None
+    """The committed version, or None when the round committed nothing."""
+    contributors: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    changed_shards: int = 0
+    train_loss: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+
+def last_federated_round(
+    client: ParamClient, manifest: Manifest, limit: int = 10_000
+) -> int:
+    """The round counter recorded on HEAD or its nearest federated ancestor."""
+    m: Manifest | None = manifest
+    for _ in range(limit):
+        if m is None:
+            break
+        fed = m.metadata.get("federation")
+        if isinstance(fed, dict) and isinstance(fed.get("round"), int):
+            return int(fed["round"])
+        if m.parent <= 0:
+            break
+        try:
+            m = client.get_manifest(m.model, m.parent)
+        except LookupError:  # parent collected: no further history
+            break
+    return 0
+
+
+def _wire_tensor(t: torch.Tensor, dense: bool) -> tuple[torch.Tensor, str]:
+    from param_server.tensor_codec import DTYPE_NAMES
+
+    name = DTYPE_NAMES[t.dtype]
+    if dense and name not in _NUMPY_SAFE:
+        # NumPy has no bf16/fp8: Flower's dense strategies get float32, an
+        # exact widening; results are rounded back to the stored dtype.
+        return t.float(), "F32"
+    return t, name
+
+
+def load_state(client: ParamClient, model: str, dense: bool) -> ModelState:
+    """HEAD of `model`, every tensor fetched and verified, ready to send."""
+    from flwr.app import Array
+
+    manifest = client.get_manifest(model)
+    if "config.json" not in manifest.files:
+        raise InvalidInputError(
+            f"{model}@{manifest.version} has no config.json; import a Hugging Face "
+            "checkpoint folder so institutions can build the model"
+        )
+    layout = Layout.from_manifest(manifest)
+    shards = client.fetch_shards(model, list(manifest.shards), manifest=manifest)
+    config_json = bytes(
+        client.fetch_blobs(manifest, [], files=["config.json"])["config.json"]
+    ).decode()
+    tensors: dict[str, torch.Tensor] = {}
+    arrays = ArrayRecord()
+    sent: dict[str, str] = {}
+    for key, spec in layout.specs.items():
+        t = shards[spec.shard][spec.name]
+        tensors[key] = t
+        w, sent[key] = _wire_tensor(t, dense)
+        arrays[key] = (
+            Array(w.detach().cpu().contiguous().numpy()) if dense else wire.to_array(w)
+        )
+    return ModelState(
+        manifest,
+        layout,
+        tensors,
+        arrays,
+        sent,
+        config_json,
+        last_federated_round(client, manifest),
+    )
+
+
+class Federation:
+    """Runs rounds of one model against a param-server and a Flower grid."""
+
+    def __init__(
+        self,
+        config: FederationConfig,
+        client: ParamClient,
+        *,
+        run_id: int = 0,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.run_id = run_id
+        self.on_round = on_round
+        self.strategy, self.settings = build_strategy(
+            config.strategy,
+            min_clients=config.min_clients,
+            min_available=config.min_available,
+            fraction_train=config.fraction_train,
+            weight_by_tokens=config.weight_by_tokens,
+            proximal_mu=config.proximal_mu,
+            trim_beta=config.trim_beta,
+            server_lr=config.server_lr,
+            dp_clipping_norm=config.dp_clipping_norm,
+            dp_noise_multiplier=config.dp_noise_multiplier,
+        )
+        self.state = load_state(client, config.model, dense=not config.sparse)
+        self.results: list[RoundResult] = []
+
+    def train_config(self, rnd: int) -> ConfigRecord:
+        c = self.config
+        return ConfigRecord(
+            {
+                protocol.MODEL_CONFIG: self.state.config_json,
+                protocol.BASE_VERSION: self.state.manifest.version,
+                protocol.UPDATE_MODE: protocol.SPARSE if c.sparse else protocol.DENSE,
+                protocol.LOCAL_STEPS: c.local_steps,
+                protocol.BATCH_SIZE: c.batch_size,
+                protocol.LEARNING_RATE: c.lr,
+                protocol.TRAINABLE: c.trainable,
+                protocol.SEED: c.seed * 1_000_003 + rnd,
+            }
+        )
+
+    def run(self, grid: Grid) -> list[RoundResult]:
+        for _ in range(self.config.num_rounds):
+            result = self.run_round(grid)
+            self.results.append(result)
+            if self.on_round is not None:
+                self.on_round(result)
+        return self.results
+
+    def run_round(self, grid: Grid) -> RoundResult:
+        c, st = self.config, self.state
+        rnd = st.last_round + 1
+        t0 = time.monotonic()
+        if isinstance(self.strategy, SparseFedAvg):
+            self.strategy.set_model(st.layout, st.arrays, st.tensors)
+        messages = list(
+            self.strategy.configure_train(rnd, st.arrays, self.train_config(rnd), grid)
+        )
+        logger.info(
+            "round %d: sent %s@%d to %d institution(s)",
+            rnd,
+            c.model,
+            st.manifest.version,
+            len(messages),
+        )
+        replies = list(grid.send_and_receive(messages, timeout=c.round_timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        valid_msgs: list[Message] = []
+        updates: list[ClientUpdate] = []
+        rejected: list[Rejection] = []
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                rejected.append(
+                    Rejection(
+                        m.metadata.dst_node_id,
+                        f"node-{m.metadata.dst_node_id}",
+                        f"no reply within {c.round_timeout:g}s",
+                    )
+                )
+        for msg in replies:
+            try:
+                u = parse_reply(
+                    msg,
+                    st.layout,
+                    st.tensors,
+                    sent_dtypes=st.sent_dtypes,
+                    max_update_norm=c.max_update_norm or None,
+                    require_all=not c.sparse,
+                )
+            except UpdateRejectedError as e:
+                r = Rejection(msg.metadata.src_node_id, institution_of(msg), str(e))
+                logger.warning(
+                    "round %d: rejected the update of %s (node %d): %s",
+                    rnd,
+                    r.institution,
+                    r.node_id,
+                    r.reason,
+                )
+                rejected.append(r)
+                continue
+            updates.append(u)
+            valid_msgs.append(msg)
+        result = RoundResult(
+            rnd,
+            None,
+            contributors=[
+                {
+                    "institution": u.institution,
+                    "node_id": u.node_id,
+                    "num_examples": u.num_examples,
+                    "tensors": len(u.tensors),
+                    "update_norm": round(u.update_norm, 6),
+                }
+                for u in updates
+            ],
+            rejected=[r.as_dict() for r in rejected],
+        )
+        if len(updates) < c.min_clients:
+            result.note = (
+                f"only {len(updates)} valid update(s), {c.min_clients} needed "
+                "(min-clients); nothing committed"
+            )
+            logger.warning("round %d: %s", rnd, result.note)
+            result.seconds = time.monotonic() - t0
+            return result
+
+        if isinstance(self.strategy, SparseFedAvg):
+            arrays, metrics = self.strategy.aggregate_updates(updates)
+        else:
+            arrays, metrics = self.strategy.aggregate_train(rnd, valid_msgs)
+        if arrays is None:
+            result.note = "the strategy produced no aggregate; nothing committed"
+            logger.warning("round %d: %s", rnd, result.note)
+            result.seconds = time.monotonic() - t0
+            return result
+        if metrics is not None and protocol.TRAIN_LOSS in metrics:
+            loss = metrics[protocol.TRAIN_LOSS]
+            result.train_loss = float(loss) if isinstance(loss, int | float) else None
+        new = self._stored_values(arrays)
+        self._commit(rnd, new, arrays, result, updates)
+        result.seconds = time.monotonic() - t0
+        return result
+
+    def _stored_values(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """Wire key -> aggregated tensor in the stored dtype, for changed keys."""
+        st = self.state
+        out: dict[str, torch.Tensor] = {}
+        for key, arr in arrays.items():
+            spec = st.layout.specs.get(key)
+            if spec is None:
+                raise InvalidInputError(f"the strategy returned unknown tensor {key!r}")
+            t = wire.from_array(arr, key)
+            old = st.tensors[key]
+            if t.dtype != old.dtype:
+                t = t.to(old.dtype)
+            if tuple(t.shape) != spec.shape:
+                raise InvalidInputError(f"the strategy changed the shape of {key!r}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InvalidInputError(
+                    f"aggregate of {key!r} is not finite; nothing committed"
+                )
+            if not torch.equal(t, old):
+                out[key] = t
+        return out
+
+    def _commit(
+        self,
+        rnd: int,
+        new: dict[str, torch.Tensor],
+        arrays: ArrayRecord,
+        result: RoundResult,
+        updates: list[ClientUpdate],
+    ) -> None:
+        c, st = self.config, self.state
+        if not new:
+            result.note = "no tensor changed; nothing committed"
+            return
+        shards: dict[str, dict[str, torch.Tensor]] = {}
+        for shard in st.layout.shards_of(list(new)):
+            shards[shard] = {}
+        for key, spec in st.layout.specs.items():
+            if spec.shard in shards:
+                shards[spec.shard][spec.name] = new.get(key, st.tensors[key])
+        fed: dict[str, Any] = {
+            "run_id": self.run_id,
+            "round": rnd,
+            "strategy": self.settings,
+            "update_mode": protocol.SPARSE if c.sparse else protocol.DENSE,
+            "base_version": st.manifest.version,
+            "contributors": result.contributors,
+            "rejected": result.rejected,
+            "changed_tensors": len(new),
+            "train": {
+                "local_steps": c.local_steps,
+                "batch_size": c.batch_size,
+                "lr": c.lr,
+                "trainable": c.trainable,
+            },
+        }
+        wide = sorted(
+            {
+                st.layout.specs[k].dtype
+                for k, d in st.sent_dtypes.items()
+                if d != st.layout.specs[k].dtype
+            }
+        )
+        if wide:
+            fed["wire_dtype"] = f"{'/'.join(wide)} sent as F32, rounded back on commit"
+        if result.train_loss is not None and math.isfinite(result.train_loss):
+            fed["train_loss"] = result.train_loss
+        names = ", ".join(sorted({u.institution for u in updates}))
+        try:
+            r = self.client.commit(
+                c.model,
+                st.manifest.version,
+                shards,
+                author=AUTHOR,
+                message=f"federated round {rnd}: {len(updates)} institutions ({names})",
+                metadata={"federation": fed},
+            )
+        except StaleParentError as e:
+            result.note = (
+                f"HEAD moved during the round ({e}); round not committed, the next "
+                "round starts from the new HEAD"
+            )
+            logger.warning("round %d: %s", rnd, result.note)
+            self.state = load_state(self.client, c.model, dense=not c.sparse)
+            return
+        result.version = r.manifest.version
+        result.changed_shards = len(shards)
+        logger.info(
+            "round %d committed as %s@%d (%d shard(s) changed)",
+            rnd,
+            c.model,
+            r.manifest.version,
+            len(shards),
+        )
+        # Next round starts from what was committed, bit for bit.
+        tensors = dict(st.tensors)
+        tensors.update(new)
+        out = ArrayRecord()
+        from flwr.app import Array
+
+        for key in st.layout.specs:
+            if key in new:
+                w, _ = _wire_tensor(new[key], dense=not c.sparse)
+                out[key] = (
+                    wire.to_array(w)
+                    if c.sparse
+                    else Array(w.detach().contiguous().numpy())
+                )
+            else:
+                out[key] = st.arrays[key]
+        del arrays
+        self.state = ModelState(
+            r.manifest, st.layout, tensors, out, st.sent_dtypes, st.config_json, rnd
+        )
+
+
+def result_summary(r: RoundResult) -> dict[str, Any]:
+    return asdict(r)
+
+
+def make_server_app(
+    config: FederationConfig | None = None,
+    *,
+    on_round: Callable[[RoundResult], None] | None = None,
+) -> ServerApp:
+    """A ServerApp; with no `config` it reads Flower's run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config or FederationConfig.from_run_config(context.run_config)
+        with ParamClient.from_url(cfg.param_server) as client:
+            client.wait_ready()
+            fed = Federation(cfg, client, run_id=context.run_id, on_round=on_round)
+            logger.info(
+                "federation of %s starts at %s@%d, round %d",
+                cfg.model,
+                cfg.model,
+                fed.state.manifest.version,
+                fed.state.last_round + 1,
+            )
+            results = fed.run(grid)
+        committed = [r.version for r in results if r.version is not None]
+        logger.info(
+            "federation finished: %d of %d round(s) committed: %s",
+            len(committed),
+            len(results),
+            json.dumps(committed),
+        )
+
+    return app
+
+
+app = make_server_app()
+"""The ServerApp `flwr run` loads (`param_server.federation.server:app`)."""

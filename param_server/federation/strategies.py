@@ -1,0 +1,204 @@
+"""The strategies a federation can run: our sparse FedAvg and Flower's own.
+
+`SparseFedAvg` is a Flower `Strategy` (it samples and configures like FedAvg)
+whose aggregation is expert-wise and sparse (see `aggregate`). Flower's
+FedAvg, FedProx, FedAdam and FedTrimmedAvg run on dense updates, and any of
+them can be wrapped in Flower's client-side fixed-clipping DP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
+
+from param_server.errors import InvalidInputError
+from param_server.federation import protocol
+from param_server.federation.aggregate import (
+    ClientUpdate,
+    Layout,
+    merge_into_record,
+    parse_reply,
+    sparse_average,
+)
+
+logger = logging.getLogger(__name__)
+
+SPARSE_FEDAVG = "sparse-fedavg"
+STRATEGIES = (SPARSE_FEDAVG, "fedavg", "fedprox", "fedadam", "fedtrimmedavg")
+
+
+class SparseFedAvg(FedAvg):
+    """FedAvg over key subsets: each tensor averaged over the clients that sent it.
+
+    Call `set_model` with the round's layout and global arrays before
+    `configure_train`; `aggregate_updates` takes already validated updates,
+    `aggregate_train` (Flower's entry point) parses replies itself.
+    """
+
+    def __init__(self, *, weight_by_tokens: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.weight_by_tokens = weight_by_tokens
+        self._layout: Layout | None = None
+        self._current: ArrayRecord | None = None
+        self._current_tensors: dict[str, torch.Tensor] = {}
+        self.last_changed: list[str] = []
+
+    def set_model(
+        self, layout: Layout, arrays: ArrayRecord, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        self._layout, self._current, self._current_tensors = layout, arrays, tensors
+
+    def summary(self) -> None:
+        super().summary()
+        logger.info(
+            "sparse expert-wise averaging, weight by tokens: %s", self.weight_by_tokens
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self._current is not arrays:
+            raise InvalidInputError(
+                "SparseFedAvg.configure_train: call set_model() with these arrays "
+                "first (the strategy needs the model's layout)"
+            )
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_updates(
+        self, updates: Sequence[ClientUpdate]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not updates:
+            return None, None
+        if self._layout is None or self._current is None:
+            raise InvalidInputError("SparseFedAvg: set_model() was never called")
+        if not self.weight_by_tokens:
+            for u in updates:
+                u.expert_tokens = {}
+        arrays, self.last_changed = merge_into_record(
+            self._current, sparse_average(updates, self._layout)
+        )
+        metrics = MetricRecord(
+            {protocol.NUM_EXAMPLES: sum(u.num_examples for u in updates)}
+        )
+        losses = [
+            (u.train_loss, u.num_examples) for u in updates if u.train_loss is not None
+        ]
+        if losses:
+            total = sum(n for _, n in losses)
+            metrics[protocol.TRAIN_LOSS] = sum(x * n for x, n in losses) / total
+        return arrays, metrics
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._layout is None:
+            raise InvalidInputError("SparseFedAvg: set_model() was never called")
+        layout = self._layout
+        updates = []
+        for msg in replies:
+            if msg.has_error():
+                logger.warning(
+                    "round %d: node %d failed: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+                continue
+            updates.append(
+                parse_reply(
+                    msg,
+                    layout,
+                    self._current_tensors,
+                    sent_dtypes={k: s.dtype for k, s in layout.specs.items()},
+                )
+            )
+        return self.aggregate_updates(updates)
+
+
+def build_strategy(
+    name: str,
+    *,
+    min_clients: int,
+    min_available: int,
+    fraction_train: float,
+    weight_by_tokens: bool,
+    proximal_mu: float,
+    trim_beta: float,
+    server_lr: float,
+    dp_clipping_norm: float,
+    dp_noise_multiplier: float,
+) -> tuple[Strategy, dict[str, Any]]:
+    """The strategy named in the run config and its settings for provenance.
+
+    Raises:
+        InvalidInputError: an unknown name, or DP asked of the sparse strategy
+            (Flower's clipping needs every tensor in every update).
+    """
+    common: dict[str, Any] = {
+        "fraction_train": fraction_train,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": min_clients,
+        "min_available_nodes": max(min_available, min_clients),
+        "arrayrecord_key": protocol.ARRAYS,
+        "configrecord_key": protocol.CONFIG,
+    }
+    settings: dict[str, Any] = {
+        "name": name,
+        "fraction_train": fraction_train,
+        "min_clients": min_clients,
+    }
+    strategy: Strategy
+    if name == SPARSE_FEDAVG:
+        strategy = SparseFedAvg(weight_by_tokens=weight_by_tokens, **common)
+        settings["weight_by_tokens"] = weight_by_tokens
+    elif name == "fedavg":
+        strategy = FedAvg(**common)
+    elif name == "fedprox":
+        strategy = FedProx(proximal_mu=proximal_mu, **common)
+        settings["proximal_mu"] = proximal_mu
+    elif name == "fedadam":
+        strategy = FedAdam(eta=server_lr, **common)
+        settings["eta"] = server_lr
+    elif name == "fedtrimmedavg":
+        strategy = FedTrimmedAvg(beta=trim_beta, **common)
+        settings["beta"] = trim_beta
+    else:
+        raise InvalidInputError(
+            f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
+        )
+    if dp_clipping_norm > 0:
+        if name == SPARSE_FEDAVG:
+            raise InvalidInputError(
+                "differential privacy (dp-clipping-norm > 0) needs dense updates: "
+                "Flower's clipping compares every tensor; use strategy='fedavg' "
+                "or another dense strategy"
+            )
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy,
+            noise_multiplier=dp_noise_multiplier,
+            clipping_norm=dp_clipping_norm,
+            num_sampled_clients=min_clients,
+        )
+        settings["dp"] = {
+            "kind": "client-side fixed clipping",
+            "clipping_norm": dp_clipping_norm,
+            "noise_multiplier": dp_noise_multiplier,
+        }
+    return strategy, settings
+
+
+def is_sparse(strategy: Strategy) -> bool:
+    return isinstance(strategy, SparseFedAvg)
