@@ -180,7 +180,7 @@ def make_client_app(data_root: str | None = None) -> ClientApp:
     # progress bars would only bury the institution's log.
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -208,3 +208,27 @@ def model_config(
         "tie_word_embeddings": False,
         "dtype": dtype,
     }
+
+
+def write_initial_checkpoint(
+    task: Task,
+    dest: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    **sizes: int,
+) -> Path:
+    """A freshly initialised tiny MoE for the task, saved as a Hugging Face folder
+    ready for `param-server import`. `sizes`: hidden, layers, experts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(
+        json.dumps(model_config(task, dtype=dtype, **sizes))
+    )
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(dest)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))  # type: ignore[no-untyped-call]
+    model.save_pretrained(dest)
+    return dest

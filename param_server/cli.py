@@ -557,12 +557,260 @@ def _fleet_table(nodes: list[Any], heads: dict[str, int | None], now: float) -> 
 @click.option("--layers", default=4, show_default=True)
 @click.option("--experts", default=8, show_default=True)
 @click.option("--hidden", default=256, show_default=True)
+@click.option(
+    "--rounds",
+    default=3,
+    show_default=True,
+    help="Federated rounds at the end (0 skips the federation part).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["simulation", "deployment"]),
+    default="simulation",
+    show_default=True,
+    help="Flower engine for the rounds: in-process simulation, or a SuperLink "
+    "with one SuperNode per institution.",
+)
 @_handle_errors
-def demo(store: Path | None, layers: int, experts: int, hidden: int) -> None:
-    """Start the daemon, import a tiny Mixtral, fetch experts through the API."""
+def demo(
+    store: Path | None, layers: int, experts: int, hidden: int, rounds: int, engine: str
+) -> None:
+    """The whole loop on this machine: daemon, import, lazy fetches, live hot
+    swaps, then institutions training together while live nodes swap each round in."""
     from param_server.demo import run_demo
 
-    run_demo(store, layers=layers, experts=experts, hidden=hidden)
+    run_demo(
+        store,
+        layers=layers,
+        experts=experts,
+        hidden=hidden,
+        rounds=rounds,
+        engine=engine,
+    )
+
+
+@main.command("fed-data")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--institutions",
+    default="hospital-a,hospital-b,hospital-c",
+    show_default=True,
+    help="Comma-separated institution names.",
+)
+@click.option("--train-docs", default=384, show_default=True)
+@click.option("--test-docs", default=128, show_default=True)
+@click.option(
+    "--own-share",
+    default=0.9,
+    show_default=True,
+    help="Share of an institution's documents from its own domains (non-IID-ness).",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--model-out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write a freshly initialised tiny MoE for the task here "
+    "(a Hugging Face folder for `param-server import`).",
+)
+@_handle_errors
+def fed_data(
+    dest: Path,
+    institutions: str,
+    train_docs: int,
+    test_docs: int,
+    own_share: float,
+    seed: int,
+    model_out: Path | None,
+) -> None:
+    """Generate the non-IID learning task (one data file per institution)."""
+    from fed_clients.task import TaskError, make_task, write_initial_checkpoint
+
+    names = tuple(n.strip() for n in institutions.split(",") if n.strip())
+    try:
+        task = make_task(
+            dest,
+            names,
+            train_docs=train_docs,
+            test_docs=test_docs,
+            own_share=own_share,
+            seed=seed,
+        )
+    except TaskError as e:
+        raise InvalidInputError(str(e)) from e
+    for name in task.institutions:
+        click.echo(f"{name}: {task.data_path(name)}")
+    if model_out is not None:
+        write_initial_checkpoint(task, model_out, seed=seed)
+        click.echo(f"initial model: {model_out}")
+
+
+def _run_config_options(fn: F) -> F:
+    for opt in reversed(
+        [
+            click.option("--model", required=True, help="Model name in the store."),
+            click.option(
+                "--server",
+                default=DEFAULT_LISTEN,
+                show_default=True,
+                metavar="HOST:PORT",
+                help="The param-server daemon the rounds commit to.",
+            ),
+            click.option("--rounds", default=3, show_default=True),
+            click.option(
+                "--strategy",
+                type=click.Choice(
+                    ["sparse-fedavg", "fedavg", "fedprox", "fedadam", "fedtrimmedavg"]
+                ),
+                default="sparse-fedavg",
+                show_default=True,
+            ),
+            click.option(
+                "--min-clients",
+                default=2,
+                show_default=True,
+                help="Valid updates a round needs to commit.",
+            ),
+            click.option("--local-steps", default=20, show_default=True),
+            click.option(
+                "--trainable",
+                default="experts",
+                show_default=True,
+                help="experts, experts+router, all, or a regex over parameter names.",
+            ),
+            click.option(
+                "--max-update-norm",
+                default=0.0,
+                show_default=True,
+                help="Reject updates farther than this from the global model (0: off).",
+            ),
+            click.option(
+                "--dp-clipping-norm",
+                default=0.0,
+                show_default=True,
+                help="> 0: client-side fixed-clipping DP (dense strategies only).",
+            ),
+            click.option("--dp-noise-multiplier", default=0.0, show_default=True),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def _run_config(**kw: Any) -> dict[str, Any]:
+    cfg = {
+        "model": kw["model"],
+        "param-server": kw["server"],
+        "num-rounds": kw["rounds"],
+        "strategy": kw["strategy"],
+        "min-clients": kw["min_clients"],
+        "min-available": kw["min_clients"],
+        "local-steps": kw["local_steps"],
+        "trainable": kw["trainable"],
+        "max-update-norm": kw["max_update_norm"],
+        "dp-clipping-norm": kw["dp_clipping_norm"],
+        "dp-noise-multiplier": kw["dp_noise_multiplier"],
+    }
+    from param_server.federation.server import FederationConfig
+
+    FederationConfig.from_run_config(cfg)  # refuse bad settings before any launch
+    return cfg
+
+
+@main.command("fed-app")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@_run_config_options
+@_handle_errors
+def fed_app(dest: Path, **kw: Any) -> None:
+    """Write the Flower App folder for `flwr run` (our ServerApp and ClientApp)."""
+    from param_server.federation.deploy import write_app
+
+    write_app(dest, _run_config(**kw))
+    click.echo(f"wrote {dest / 'pyproject.toml'}")
+    click.echo(f"run it with: flwr run {dest} <superlink-connection>")
+
+
+@main.command()
+@_run_config_options
+@click.option(
+    "--data",
+    "data_root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Task folder from `param-server fed-data` (one institution per data file).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["simulation", "deployment"]),
+    default="deployment",
+    show_default=True,
+    help="deployment: a SuperLink and one SuperNode per institution on loopback; "
+    "simulation: Flower's simulation engine in this process.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("./flower-run"),
+    show_default=True,
+    help="Logs and Flower state of the deployment.",
+)
+@_handle_errors
+def federate(data_root: Path, engine: str, workdir: Path, **kw: Any) -> None:
+    """Run federated rounds on this machine; each round commits a version."""
+    from fed_clients.task import load_task
+    from param_server.federation.server import FederationConfig
+
+    run_config = _run_config(**kw)
+    task = load_task(data_root)
+
+    def show(version: int | None, rnd: int, names: str, note: str) -> None:
+        if version is None:
+            click.echo(f"round {rnd}: nothing committed ({note})")
+        else:
+            click.echo(f"round {rnd}: committed {kw['model']}@{version} from {names}")
+
+    if engine == "simulation":
+        from param_server.federation.simulation import run_simulation_rounds
+
+        cfg = FederationConfig.from_run_config(run_config)
+        run_simulation_rounds(
+            cfg,
+            str(data_root),
+            len(task.institutions),
+            on_round=lambda r: show(
+                r.version,
+                r.round,
+                ", ".join(c["institution"] for c in r.contributors),
+                r.note,
+            ),
+        )
+        return
+    from loaders.client import ParamClient
+    from param_server.federation.deploy import LocalDeployment, write_app
+
+    app = write_app(workdir / "app", run_config)
+    institutions = {n: str(task.data_path(n)) for n in task.institutions}
+    with (
+        ParamClient.from_url(kw["server"]) as client,
+        LocalDeployment(workdir / "flower", institutions) as flower,
+    ):
+        client.wait_ready()
+        before = client.head(kw["model"])
+        run_id = flower.submit(app)
+        click.echo(f"submitted Flower run {run_id}; logs in {workdir / 'flower'}")
+        flower.wait_for_run(run_id, timeout=24 * 3600)
+        for info in client.list_versions(kw["model"]):
+            if info.version > before:
+                fed = client.get_manifest(kw["model"], info.version).metadata.get(
+                    "federation", {}
+                )
+                show(
+                    info.version,
+                    int(fed.get("round", 0)),
+                    ", ".join(c["institution"] for c in fed.get("contributors", [])),
+                    "",
+                )
+        click.echo(f"run {run_id} finished:completed")
 
 
 def _size(n: int) -> str:

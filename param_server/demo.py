@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
@@ -19,11 +19,22 @@ from param_server.errors import StaleParentError
 from param_server.store import Store
 
 if TYPE_CHECKING:
+    from fed_clients.task import Task
     from loaders.client import ParamClient
+    from param_server.federation.server import FederationConfig
 
 
-def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) -> None:
-    """Builds a tiny Mixtral, serves it, fetches experts, commits and exports."""
+def run_demo(
+    store_dir: Path | None,
+    *,
+    layers: int,
+    experts: int,
+    hidden: int,
+    rounds: int = 3,
+    engine: str = "simulation",
+) -> None:
+    """Builds a tiny Mixtral, serves it, fetches experts, commits and exports;
+    then runs federated rounds that live nodes pick up."""
     from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
     from loaders.client import ParamClient
@@ -118,10 +129,16 @@ def run_demo(store_dir: Path | None, *, layers: int, experts: int, hidden: int) 
                 f"9. exported HEAD to a Hugging Face folder; reloaded logits "
                 f"{'are identical' if same else 'DIFFER'} to the original"
             )
+            fed_ok = True
+            if rounds > 0:
+                with ParamClient(daemon.target) as client:
+                    fed_ok = _federated_rounds(
+                        client, store, work, say, rounds=rounds, engine=engine
+                    )
         finally:
             code = daemon.stop()
-            say(f"10. daemon stopped on SIGTERM with exit status {code}")
-        if not same:
+            say(f"14. daemon stopped on SIGTERM with exit status {code}")
+        if not (same and fed_ok):
             raise SystemExit(1)
     if store_dir is not None:
         say(f"store kept at {os.fspath(store_dir)}")
@@ -208,3 +225,172 @@ def _live_node_and_swaps(
         thread.join()
         swapper.stop()
         lazy.close()
+
+
+FED_MODEL = "fed-moe"
+
+
+def _federated_rounds(
+    client: ParamClient,
+    store: Path,
+    work: Path,
+    say: Callable[[str], None],
+    *,
+    rounds: int,
+    engine: str,
+) -> bool:
+    """Three institutions train a MoE together; two live nodes serve each round."""
+    from fed_clients.task import load_split, make_task, write_initial_checkpoint
+    from fed_clients.train import evaluate
+    from loaders.hotswap import HotSwapper
+    from loaders.models import LazyModel, load_lazy_model
+    from param_server.federation.server import FederationConfig
+
+    task = make_task(work / "fed-task")
+    ckpt = write_initial_checkpoint(task, work / "fed-ckpt")
+    r = import_checkpoint(Store(store), ckpt, FED_MODEL, message="initial weights")
+    base = r.manifest.version
+    say(
+        f"10. generated a non-IID task: {len(task.institutions)} institutions "
+        f"({', '.join(task.institutions)}), {task.domains} text domains, "
+        f"{task.train_docs} training + {task.test_docs} held-out documents each; "
+        f"imported a fresh tiny MoE as {FED_MODEL}@{base}"
+    )
+    held_out = torch.cat(
+        [load_split(task.data_path(n), "test") for n in task.institutions]
+    )
+    expert_bytes = sum(s.size for k, s in r.manifest.shards.items() if ".experts." in k)
+    nodes: list[tuple[str, LazyModel, HotSwapper]] = []
+    for i in (1, 2):
+        lazy = load_lazy_model(client, FED_MODEL, budget_bytes=expert_bytes // 2)
+        swapper = HotSwapper(lazy, node_id=f"node-{i}").start()
+        nodes.append((f"node-{i}", lazy, swapper))
+
+    def served_loss(lazy: LazyModel, swapper: HotSwapper) -> tuple[float, int]:
+        with swapper.hold() as v:
+            return evaluate(lazy.model, held_out), v
+
+    try:
+        loss0, _ = served_loss(nodes[0][1], nodes[0][2])
+        say(
+            f"11. {len(nodes)} live inference nodes serve {FED_MODEL}@{base} with "
+            f"lazy experts (half the expert bytes as budget); held-out loss of the "
+            f"served model: {loss0:.3f}"
+        )
+        seen: set[int] = set()
+        ok = True
+
+        def report(version: int) -> None:
+            nonlocal ok
+            if version in seen:
+                return
+            seen.add(version)
+            m = client.get_manifest(FED_MODEL, version)
+            fed = m.metadata.get("federation", {})
+            names = ", ".join(
+                f"{c['institution']} ({c['num_examples']} docs)"
+                for c in fed.get("contributors", [])
+            )
+            rejected = len(fed.get("rejected", []))
+            say(
+                f"    round {fed.get('round')}: committed {FED_MODEL}@{version} "
+                f"({len(m.changed)} of {len(m.shards)} shards changed) from {names}"
+                + (f"; {rejected} update(s) rejected" if rejected else "")
+            )
+            for name, lazy, swapper in nodes:
+                t0 = time.perf_counter()
+                if not swapper.wait_for_version(version, 30):
+                    say(f"      {name} did NOT apply @{version} within 30 s")
+                    ok = False
+                    continue
+                dt = time.perf_counter() - t0
+                loss, v = served_loss(lazy, swapper)
+                say(
+                    f"      {name} serves @{v} (applied {dt * 1000:.0f} ms after "
+                    f"the commit was reported); held-out loss {loss:.3f}"
+                )
+
+        config = FederationConfig(
+            model=FED_MODEL,
+            param_server=client.target,
+            num_rounds=rounds,
+            min_clients=len(task.institutions),
+            min_available=len(task.institutions),
+            local_steps=20,
+            trainable="all",
+            lr=1e-2,
+            round_timeout=300,
+        )
+        say(
+            f"12. {rounds} federated rounds through Flower's {engine} engine, "
+            f"strategy {config.strategy} (each round becomes a version):"
+        )
+        t0 = time.perf_counter()
+        if engine == "simulation":
+            from param_server.federation.simulation import run_simulation_rounds
+
+            results = run_simulation_rounds(
+                config,
+                task.root,
+                len(task.institutions),
+                on_round=lambda res: report(res.version) if res.version else None,
+            )
+            committed = [res.version for res in results if res.version]
+        else:
+            committed = _deployment_rounds(config, task, work, report, client)
+        final_loss, v = served_loss(nodes[0][1], nodes[0][2])
+        say(
+            f"13. {len(committed)} rounds committed in "
+            f"{time.perf_counter() - t0:.0f} s; the served model's held-out loss "
+            f"went {loss0:.3f} -> {final_loss:.3f} (@{v})"
+        )
+        return ok and len(committed) == rounds and final_loss < loss0
+    finally:
+        for _, lazy, swapper in nodes:
+            swapper.stop()
+            lazy.close()
+
+
+def _deployment_rounds(
+    config: FederationConfig,
+    task: Task,
+    work: Path,
+    report: Callable[[int], None],
+    client: ParamClient,
+) -> list[int]:
+    """The same rounds through a SuperLink and one SuperNode per institution."""
+    from dataclasses import fields
+
+    from param_server.federation.deploy import (
+        FlowerRunError,
+        LocalDeployment,
+        write_app,
+    )
+
+    run_config = {
+        f.name.replace("_", "-"): getattr(config, f.name) for f in fields(config)
+    }
+    app = write_app(work / "fed-app", run_config)
+    before = client.head(FED_MODEL)
+    institutions = {n: str(task.data_path(n)) for n in task.institutions}
+    with LocalDeployment(work / "flower", institutions) as flower:
+        run_id = flower.submit(app)
+        done: dict[str, Any] = {}
+
+        def wait() -> None:
+            try:
+                done["run"] = flower.wait_for_run(run_id, timeout=3600)
+            except FlowerRunError as e:  # raised below, after the last round
+                done["error"] = e
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        while waiter.is_alive():
+            for v in range(before + 1, client.head(FED_MODEL) + 1):
+                report(v)
+            time.sleep(0.5)
+        for v in range(before + 1, client.head(FED_MODEL) + 1):
+            report(v)
+        if "error" in done:
+            raise done["error"]
+    return list(range(before + 1, client.head(FED_MODEL) + 1))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from param_server.federation.server import (
     FederationConfig,
     RoundResult,
     make_server_app,
 )
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +25,13 @@ def run_simulation_rounds(
     *,
     on_round: Callable[[RoundResult], None] | None = None,
     cpus_per_client: float = 1.0,
+    client_app: ClientApp | None = None,
 ) -> list[RoundResult]:
     """Runs `config.num_rounds` rounds with `num_institutions` virtual SuperNodes.
 
     Each virtual SuperNode is the institution of the task at `data_root`
-    that its partition id picks. Returns what each round did.
+    that its partition id picks (`client_app` replaces our ClientApp, e.g. to
+    inject faults). Returns what each round did.
     """
     from flwr.simulation import run_simulation
 
@@ -40,7 +46,7 @@ def run_simulation_rounds(
 
     run_simulation(
         server_app=make_server_app(config, on_round=note),
-        client_app=make_client_app(data_root),
+        client_app=client_app or make_client_app(data_root),
         num_supernodes=num_institutions,
         backend_config={
             "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},

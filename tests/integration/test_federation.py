@@ -1,0 +1,285 @@
+"""Federated rounds through real Flower engines, a real gRPC server and Redis."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fed_clients.app import handle_train, identity
+from fed_clients.task import Task, make_task, write_initial_checkpoint
+from fed_clients.train import build_model, evaluate
+from loaders.client import ParamClient
+from loaders.hotswap import HotSwapper
+from loaders.models import load_lazy_model
+from param_server.checkpoints import import_checkpoint
+from param_server.daemon import spawn_daemon
+from param_server.federation import protocol, wire
+from param_server.federation.deploy import LocalDeployment, write_app
+from param_server.federation.server import FederationConfig, load_state
+from param_server.federation.simulation import run_simulation_rounds
+from param_server.service import ServerConfig, create_server
+from param_server.store import Store
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.integration
+MODEL = "fed-moe"
+FOUR = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
+
+
+def _serve(store: Path) -> tuple[object, str]:
+    srv, port, _ = create_server(
+        ServerConfig(store=store, listen="127.0.0.1:0", announce=False)
+    )
+    srv.start()
+    return srv, f"127.0.0.1:{port}"
+
+
+def _faulty_client_app(root: str, faults: dict[int, str]) -> ClientApp:
+    """Our ClientApp, except that some partitions corrupt their replies."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = handle_train(msg, identity(context, root))
+        fault = faults.get(int(context.node_config["partition-id"]))
+        arrays = reply.content.array_records[protocol.ARRAYS]
+        key = next(k for k in arrays if ".experts." in k)
+        t = wire.from_array(arrays[key]).clone()
+        if fault == "nan":
+            t.view(-1)[0] = math.nan
+            arrays[key] = wire.to_array(t)
+        elif fault == "shape":
+            arrays[key] = wire.to_array(t.view(-1)[:-1].clone())
+        return reply
+
+    return app
+
+
+@pytest.fixture
+def fed_store(tmp_path: Path) -> Iterator[tuple[Path, Task]]:
+    task = make_task(tmp_path / "task", FOUR, train_docs=128, test_docs=64)
+    ckpt = write_initial_checkpoint(
+        task, tmp_path / "ckpt", dtype="bfloat16", hidden=32
+    )
+    import_checkpoint(Store(tmp_path / "store"), ckpt, MODEL)
+    yield tmp_path / "store", task
+
+
+@pytest.mark.timeout(600)
+def test_simulation_rejects_bad_updates_commits_the_rest_and_resumes(
+    fed_store: tuple[Path, Task],
+) -> None:
+    store_path, task = fed_store
+    store = Store(store_path)
+    v1 = store.head(MODEL)
+    before = {
+        name: t.clone()
+        for _, ts in _shards(store_path, v1).items()
+        for name, t in ts.items()
+    }
+    srv, target = _serve(store_path)
+    faults = {2: "nan", 3: "shape"}
+    cfg = FederationConfig(
+        model=MODEL,
+        param_server=target,
+        num_rounds=1,
+        min_clients=2,
+        min_available=4,
+        local_steps=4,
+        batch_size=8,
+        trainable="experts+router",
+        round_timeout=120.0,  # a lost reply becomes a rejection, never a hang
+    )
+    try:
+        [r1] = run_simulation_rounds(
+            cfg, task.root, 4, client_app=_faulty_client_app(task.root, faults)
+        )
+        # The NaN and the shape-mismatched updates were rejected and recorded;
+        # the round committed from the two good institutions.
+        assert r1.version == v1 + 1 and r1.round == 1
+        m = store.get_manifest(MODEL, r1.version)
+        fed = m.metadata["federation"]
+        assert m.author == "federation" and m.parent == v1
+        assert sorted(c["institution"] for c in fed["contributors"]) == list(FOUR[:2])
+        reasons = {r["institution"]: r["reason"] for r in fed["rejected"]}
+        assert set(reasons) == set(FOUR[2:])
+        assert "NaN/Inf" in reasons["hospital-c"]
+        assert re.search(r"shape \[\d+\] but the model's is", reasons["hospital-d"])
+        assert fed["strategy"]["name"] == "sparse-fedavg"
+        # bf16 end to end: stored bf16, and tensors nobody trained are the
+        # very same bits (attention was not trainable).
+        after = {
+            n: t
+            for ts in _shards(store_path, r1.version).values()
+            for n, t in ts.items()
+        }
+        assert {t.dtype for t in after.values()} == {torch.bfloat16}
+        attn = [n for n in after if ".self_attn." in n]
+        assert attn and all(
+            torch.equal(after[n].view(torch.int16), before[n].view(torch.int16))
+            for n in attn
+        )
+        assert any(
+            not torch.equal(after[n], before[n]) for n in after if ".experts." in n
+        )
+        assert len(m.changed) < len(m.shards)  # sparse: only changed shards
+    finally:
+        srv.stop(0).wait()  # type: ignore[attr-defined]
+
+    # The server side restarts (new param-server process on the same store):
+    # with 3 of 4 valid needed and two bad institutions, nothing is committed.
+    srv, target = _serve(store_path)
+    try:
+        strict = FederationConfig(
+            **{**_kw(cfg), "param_server": target, "min_clients": 3}
+        )
+        [r2] = run_simulation_rounds(
+            strict, task.root, 4, client_app=_faulty_client_app(task.root, faults)
+        )
+        assert r2.version is None and "nothing committed" in r2.note
+        assert len(r2.rejected) == 2
+        assert store.head(MODEL) == r1.version
+
+        # Healthy again: it resumes from HEAD with the next round number.
+        good = FederationConfig(**{**_kw(cfg), "param_server": target})
+        [r3] = run_simulation_rounds(good, task.root, 4)
+        assert r3.round == 2 and r3.version == r1.version + 1
+        m3 = store.get_manifest(MODEL, r3.version)
+        assert m3.parent == r1.version
+        assert m3.metadata["federation"]["round"] == 2
+        assert len(m3.metadata["federation"]["contributors"]) == 4
+    finally:
+        srv.stop(0).wait()  # type: ignore[attr-defined]
+
+
+def _kw(cfg: FederationConfig) -> dict[str, object]:
+    from dataclasses import fields
+
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
+def _shards(store_path: Path, version: int) -> dict[str, dict[str, torch.Tensor]]:
+    from param_server.checkpoints import iter_shard_tensors
+
+    store = Store(store_path)
+    return dict(iter_shard_tensors(store, store.get_manifest(MODEL, version)))
+
+
+@pytest.mark.timeout(900)
+def test_deployment_engine_three_supernodes_commit_rounds_a_live_node_swaps_in(
+    tmp_path: Path, fed_store: tuple[Path, Task]
+) -> None:
+    store_path, task = fed_store
+    daemon = spawn_daemon(store_path)
+    client = ParamClient(daemon.target, same_host=False, retries=1)
+    swapper = None
+    try:
+        lazy = load_lazy_model(client, MODEL, budget_bytes=10**9)
+        swapper = HotSwapper(lazy, reconcile_interval=600).start()
+        wait_until(lambda: swapper.status().redis_connected, 15, "the subscription")
+        v1 = client.head(MODEL)
+        app = write_app(
+            tmp_path / "app",
+            {
+                "model": MODEL,
+                "param-server": daemon.target,
+                "num-rounds": 2,
+                "min-clients": 3,
+                "min-available": 3,
+                "local-steps": 4,
+                "batch-size": 8,
+                "round-timeout": 120.0,
+            },
+        )
+        institutions = {n: str(task.data_path(n)) for n in FOUR[:3]}
+        with LocalDeployment(tmp_path / "flower", institutions) as flower:
+            run_id = flower.submit(app)
+            run = flower.wait_for_run(run_id, timeout=400)
+            assert run["status"] == "finished:completed"
+            versions = client.list_versions(MODEL)
+            assert [v.version for v in versions][-3:] == [v1, v1 + 1, v1 + 2]
+            for rnd, v in enumerate((v1 + 1, v1 + 2), start=1):
+                fed = client.get_manifest(MODEL, v).metadata["federation"]
+                assert fed["run_id"] == run_id and fed["round"] == rnd
+                assert sorted(c["institution"] for c in fed["contributors"]) == list(
+                    FOUR[:3]
+                )
+                assert all(c["num_examples"] == 128 for c in fed["contributors"])
+            # The live node picked both rounds up through Redis and serves the last.
+            assert swapper.wait_for_version(v1 + 2, 30)
+
+            # A second run: one institution dies mid-round; the round is left
+            # to the other two.
+            app2 = write_app(
+                tmp_path / "app2",
+                {
+                    "model": MODEL,
+                    "param-server": daemon.target,
+                    "num-rounds": 1,
+                    "min-clients": 2,
+                    "min-available": 3,
+                    "local-steps": 4,
+                    "batch-size": 8,
+                    "round-timeout": 25.0,
+                },
+            )
+            run2 = flower.submit(app2)
+            log = tmp_path / "flower" / "supernode-hospital-c.log"
+            wait_until(
+                lambda: log.read_text().count("Start `flwr-clientapp`") >= 3,
+                120,
+                "hospital-c to start training in run 2",
+            )
+            flower.kill("supernode-hospital-c")
+            flower.wait_for_run(run2, timeout=300)
+            m = client.get_manifest(MODEL)
+            fed = m.metadata["federation"]
+            assert m.version == v1 + 3 and fed["round"] == 3 and fed["run_id"] == run2
+            assert sorted(c["institution"] for c in fed["contributors"]) == list(
+                FOUR[:2]
+            )
+            assert len(fed["rejected"]) == 1
+            assert swapper.wait_for_version(v1 + 3, 30)
+    finally:
+        if swapper is not None:
+            swapper.stop()
+        client.close()
+        daemon.stop()
+
+
+def test_the_federated_model_learns_the_task(fed_store: tuple[Path, Task]) -> None:
+    """Held-out loss on the union of the institutions' test sets goes down."""
+    store_path, task = fed_store
+    srv, target = _serve(store_path)
+    try:
+        with ParamClient(target) as c:
+            start = load_state(c, MODEL, dense=False)
+        cfg = FederationConfig(
+            model=MODEL,
+            param_server=target,
+            num_rounds=3,
+            min_clients=4,
+            min_available=4,
+            local_steps=10,
+            trainable="all",
+            lr=1e-2,
+            round_timeout=120.0,
+        )
+        run_simulation_rounds(cfg, task.root, 4)
+        with ParamClient(target) as c:
+            end = load_state(c, MODEL, dense=False)
+    finally:
+        srv.stop(0).wait()  # type: ignore[attr-defined]
+    from fed_clients.task import load_split
+
+    held_out = torch.cat([load_split(task.data_path(n), "test") for n in FOUR])
+    loss0 = evaluate(build_model(start.config_json, start.tensors), held_out)
+    loss1 = evaluate(build_model(end.config_json, end.tensors), held_out)
+    assert loss1 < loss0 - 0.3, (loss0, loss1)

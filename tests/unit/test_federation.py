@@ -1,0 +1,388 @@
+"""Federation pieces without engines: wire format, validation, sparse averaging."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.app.message.message import make_message
+
+from fed_clients.task import TaskError, load_split, load_task, make_task
+from fed_clients.train import _from_checkpoint_layout, _to_checkpoint_layout
+from param_server.errors import InvalidInputError
+from param_server.federation import protocol, wire
+from param_server.federation.aggregate import (
+    ClientUpdate,
+    Layout,
+    TensorSpec,
+    UpdateRejectedError,
+    merge_into_record,
+    parse_reply,
+    sparse_average,
+)
+from param_server.federation.server import FederationConfig
+from param_server.federation.strategies import build_strategy
+
+# --- wire format -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.int64],
+)
+def test_wire_round_trip_is_bit_exact_through_flower_serialisation(
+    dtype: torch.dtype,
+) -> None:
+    t = (torch.randn(5, 7) * 3).to(dtype)
+    arr = wire.to_array(t)
+    assert arr.dtype != "float32" or dtype == torch.float32  # never widened
+    # Flower's own transport encoding: deflate into chunks and inflate back.
+    again = Array.inflate(arr.deflate(), children=arr.children)
+    back = wire.from_array(again)
+    assert back.dtype == dtype
+    assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_flower_refuses_bf16_that_is_why_we_carry_raw_bytes() -> None:
+    with pytest.raises(TypeError):
+        Array(torch.ones(2, dtype=torch.bfloat16))
+
+
+def test_numpy_arrays_are_read_without_np_load_and_match_it() -> None:
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    arr = Array(a)
+    assert arr.stype == wire.NUMPY_STYPE
+    t = wire.from_array(arr)
+    assert np.array_equal(t.numpy(), np.load(io.BytesIO(arr.data)))
+    assert wire.dtype_name(arr) == "F32"
+
+
+def test_truncated_or_unknown_arrays_are_refused_clearly() -> None:
+    arr = wire.to_array(torch.ones(4, 4))
+    cut = Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data[:-4])
+    with pytest.raises(InvalidInputError, match="truncated or corrupt"):
+        wire.from_array(cut)
+    odd = Array(dtype="F32", shape=(1,), stype="pickle", data=b"\0" * 4)
+    with pytest.raises(InvalidInputError, match="unknown array encoding"):
+        wire.from_array(odd)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _layout() -> Layout:
+    specs = [
+        TensorSpec("dense.w", "layers.0.dense", "dense.w", "F32", (2, 2), None),
+        TensorSpec("e0.w", "layers.0.experts.0", "e0.w", "F32", (3,), (0, 0)),
+        TensorSpec("e1.w", "layers.0.experts.1", "e1.w", "F32", (3,), (0, 1)),
+        TensorSpec("e2.w", "layers.0.experts.2", "e2.w", "BF16", (2,), (0, 2)),
+        TensorSpec("head", "global", "head", "F32", (2,), None),
+    ]
+    return Layout({s.key: s for s in specs})
+
+
+def _current() -> dict[str, torch.Tensor]:
+    return {
+        "dense.w": torch.zeros(2, 2),
+        "e0.w": torch.zeros(3),
+        "e1.w": torch.zeros(3),
+        "e2.w": torch.zeros(2, dtype=torch.bfloat16),
+        "head": torch.tensor([5.0, 6.0]),
+    }
+
+
+def _update(n: int, tensors: dict[str, torch.Tensor], **tokens: float) -> ClientUpdate:
+    return ClientUpdate(
+        node_id=n,
+        institution=f"inst-{n}",
+        num_examples=n,
+        tensors=tensors,
+        expert_tokens={(0, int(k[1:])): v for k, v in tokens.items()},
+    )
+
+
+# --- sparse averaging -----------------------------------------------------------
+
+
+def test_sparse_average_matches_a_hand_computed_weighted_mean_per_tensor() -> None:
+    # Client 1 (1 example) sent dense.w and e0; client 2 (2 examples) sent
+    # dense.w and e1; client 3 (3 examples) sent e0 and e1. Nobody sent head.
+    u1 = _update(1, {"dense.w": torch.full((2, 2), 1.0), "e0.w": torch.full((3,), 4.0)})
+    u2 = _update(2, {"dense.w": torch.full((2, 2), 4.0), "e1.w": torch.full((3,), 2.0)})
+    u3 = _update(3, {"e0.w": torch.full((3,), 8.0), "e1.w": torch.full((3,), 6.0)})
+    out = dict(sparse_average([u1, u2, u3], _layout()))
+    assert set(out) == {"dense.w", "e0.w", "e1.w"}  # head untouched
+    # dense.w: (1*1 + 2*4) / 3 = 3
+    assert torch.allclose(out["dense.w"], torch.full((2, 2), 3.0))
+    # e0: (1*4 + 3*8) / 4 = 7  (client 2 did not send it: it does not count)
+    assert torch.allclose(out["e0.w"], torch.full((3,), 7.0))
+    # e1: (2*2 + 3*6) / 5 = 4.4
+    assert torch.allclose(out["e1.w"], torch.full((3,), 4.4))
+
+
+def test_flowers_helper_gets_the_same_subsets_wrong() -> None:
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    def rec(n: int, arrays: dict[str, float]) -> RecordDict:
+        return RecordDict(
+            {
+                "arrays": ArrayRecord(
+                    {k: Array(np.full(3, v, np.float32)) for k, v in arrays.items()}
+                ),
+                "metrics": MetricRecord({"num-examples": n}),
+            }
+        )
+
+    out = aggregate_arrayrecords(
+        [rec(1, {"e0": 4.0}), rec(3, {"e0": 8.0, "e1": 6.0})], "num-examples"
+    )
+    # e1 came from one client but is scaled by its share of *all* examples.
+    assert out["e1"].numpy()[0] == pytest.approx(4.5)  # ours: 6.0
+    ours = dict(
+        sparse_average(
+            [
+                _update(1, {"e0.w": torch.full((3,), 4.0)}),
+                _update(
+                    3, {"e0.w": torch.full((3,), 8.0), "e1.w": torch.full((3,), 6.0)}
+                ),
+            ],
+            _layout(),
+        )
+    )
+    assert float(ours["e1.w"][0]) == 6.0 and float(ours["e0.w"][0]) == 7.0
+
+
+def test_expert_tensors_are_weighted_by_routed_tokens_when_all_report_them() -> None:
+    u1 = _update(1, {"e0.w": torch.full((3,), 0.0), "dense.w": torch.ones(2, 2)}, e0=30)
+    u2 = _update(
+        9, {"e0.w": torch.full((3,), 10.0), "dense.w": torch.zeros(2, 2)}, e0=10
+    )
+    out = dict(sparse_average([u1, u2], _layout()))
+    # tokens 30:10 (not examples 1:9) for the expert...
+    assert torch.allclose(out["e0.w"], torch.full((3,), 2.5))
+    # ...examples for the dense tensor.
+    assert torch.allclose(out["dense.w"], torch.full((2, 2), 0.1))
+    # One contributor without token counts: examples for everyone.
+    u2.expert_tokens = {}
+    out = dict(sparse_average([u1, u2], _layout()))
+    assert torch.allclose(out["e0.w"], torch.full((3,), 9.0))
+
+
+def test_bf16_is_averaged_in_fp32_and_a_single_sender_comes_back_bit_exact() -> None:
+    x = torch.tensor([1.0039062, -3.3e-3], dtype=torch.bfloat16)
+    out = dict(sparse_average([_update(2, {"e2.w": x})], _layout()))
+    assert out["e2.w"].dtype == torch.bfloat16
+    assert torch.equal(out["e2.w"].view(torch.int16), x.view(torch.int16))
+    a = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0078125, 2.015625], dtype=torch.bfloat16)  # next bf16 values
+    out = dict(
+        sparse_average([_update(1, {"e2.w": a}), _update(1, {"e2.w": b})], _layout())
+    )
+    want = ((a.float() + b.float()) / 2).to(torch.bfloat16)
+    assert torch.equal(out["e2.w"], want)
+
+
+def test_merge_keeps_untouched_arrays_as_the_same_objects() -> None:
+    current = wire.to_record(_current())
+    merged, changed = merge_into_record(
+        current, iter([("e0.w", torch.ones(3)), ("e1.w", torch.zeros(3))])
+    )
+    assert changed == ["e0.w"]  # e1 averaged to its old value: not a change
+    assert merged["head"] is current["head"]
+    assert list(merged) == list(current)
+    assert torch.equal(wire.from_array(merged["e0.w"]), torch.ones(3))
+
+
+# --- validation -------------------------------------------------------------------
+
+
+def _reply(
+    arrays: dict[str, torch.Tensor | Array],
+    *,
+    n: float = 4,
+    institution: str = "hospital-a",
+    **metrics: float | list[float],
+) -> Message:
+    rec = ArrayRecord()
+    for k, v in arrays.items():
+        rec[k] = v if isinstance(v, Array) else wire.to_array(v)
+    content = RecordDict(
+        {
+            protocol.ARRAYS: rec,
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: n, **metrics}),
+            protocol.CLIENT: ConfigRecord({protocol.INSTITUTION: institution}),
+        }
+    )
+    md = Metadata(7, "", 7, 1, "", "", 0.0, 60.0, MessageType.TRAIN)
+    return make_message(md, content)
+
+
+def _parse(msg: Message, **kw: object) -> ClientUpdate:
+    layout = _layout()
+    return parse_reply(
+        msg,
+        layout,
+        _current(),
+        sent_dtypes={k: s.dtype for k, s in layout.specs.items()},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_a_good_reply_parses_with_institution_and_token_counts() -> None:
+    u = _parse(_reply({"e0.w": torch.ones(3)}, **{"expert-tokens.0": [5, 0, 2]}))
+    assert u.institution == "hospital-a" and u.num_examples == 4
+    assert u.expert_tokens == {(0, 0): 5.0, (0, 1): 0.0, (0, 2): 2.0}
+    assert u.update_norm == 0.0  # no bound asked: not computed
+
+
+@pytest.mark.parametrize(
+    ("arrays", "kw", "reason"),
+    [
+        ({"e0.w": torch.tensor([1.0, math.nan, 0.0])}, {}, "NaN/Inf"),
+        ({"e0.w": torch.tensor([1.0, math.inf, 0.0])}, {}, "NaN/Inf"),
+        ({"e0.w": torch.ones(4)}, {}, r"shape \[4\] but the model's is \[3\]"),
+        ({"e0.w": torch.ones(3, dtype=torch.float16)}, {}, "dtype F16 but"),
+        ({"e2.w": torch.ones(2)}, {}, "dtype F32 but the model's is BF16"),
+        ({"../../etc/passwd": torch.ones(3)}, {}, "unknown tensor name"),
+        (
+            {"e0.w": torch.full((3,), 10.0)},
+            {"max_update_norm": 1.0},
+            "exceeds the bound",
+        ),
+        ({"e0.w": torch.ones(3)}, {"require_all": True}, "dense update has 1 of 5"),
+    ],
+)
+def test_bad_updates_are_rejected_with_the_reason(
+    arrays: dict[str, torch.Tensor], kw: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(UpdateRejectedError, match=reason):
+        _parse(_reply(arrays), **kw)
+
+
+def test_norm_bound_measures_distance_from_the_global_model() -> None:
+    u = _parse(_reply({"head": torch.tensor([8.0, 10.0])}), max_update_norm=5.0)
+    assert u.update_norm == pytest.approx(5.0)  # |(3, 4)|
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, math.nan])
+def test_bad_example_counts_are_rejected(n: float) -> None:
+    with pytest.raises(UpdateRejectedError, match="num-examples"):
+        _parse(_reply({"e0.w": torch.ones(3)}, n=n))
+
+
+def test_a_corrupt_payload_is_rejected_not_raised() -> None:
+    good = wire.to_array(torch.ones(3))
+    cut = Array(dtype="F32", shape=(3,), stype=wire.RAW_STYPE, data=good.data[:5])
+    with pytest.raises(UpdateRejectedError, match="truncated"):
+        _parse(_reply({"e0.w": cut}))
+
+
+# --- config and strategies ----------------------------------------------------------
+
+
+def test_run_config_is_parsed_once_and_checked() -> None:
+    cfg = FederationConfig.from_run_config(
+        {
+            "model": "m",
+            "num-rounds": 4,
+            "lr": 1,
+            "strategy": "fedprox",
+            "data-root": "x",
+        }
+    )
+    assert cfg.num_rounds == 4 and cfg.lr == 1.0 and not cfg.sparse
+    with pytest.raises(InvalidInputError, match="unknown strategy 'fedsgd'"):
+        FederationConfig.from_run_config({"model": "m", "strategy": "fedsgd"})
+    with pytest.raises(InvalidInputError, match="needs model="):
+        FederationConfig.from_run_config({"num-rounds": 1})
+
+
+@pytest.mark.parametrize(
+    "name", ["sparse-fedavg", "fedavg", "fedprox", "fedadam", "fedtrimmedavg"]
+)
+def test_every_strategy_builds_and_says_what_it_is(name: str) -> None:
+    strategy, settings = build_strategy(
+        name,
+        min_clients=2,
+        min_available=2,
+        fraction_train=1.0,
+        weight_by_tokens=True,
+        proximal_mu=0.1,
+        trim_beta=0.2,
+        server_lr=0.01,
+        dp_clipping_norm=0.0,
+        dp_noise_multiplier=0.0,
+    )
+    assert settings["name"] == name
+    assert strategy.__class__.__name__.lower().replace("sparse", "sparse-") in (
+        name,
+        "sparse-fedavg",
+    )
+
+
+def test_dp_wraps_dense_strategies_and_is_refused_for_sparse() -> None:
+    kw = dict(
+        min_clients=2,
+        min_available=2,
+        fraction_train=1.0,
+        weight_by_tokens=True,
+        proximal_mu=0.1,
+        trim_beta=0.2,
+        server_lr=0.01,
+        dp_clipping_norm=1.0,
+        dp_noise_multiplier=0.5,
+    )
+    strategy, settings = build_strategy("fedavg", **kw)  # type: ignore[arg-type]
+    assert "ClientSideFixedClipping" in type(strategy).__name__
+    assert settings["dp"]["clipping_norm"] == 1.0
+    with pytest.raises(InvalidInputError, match="needs dense updates"):
+        build_strategy("sparse-fedavg", **kw)  # type: ignore[arg-type]
+
+
+# --- the task ---------------------------------------------------------------
+
+
+def test_task_is_deterministic_non_iid_and_loadable(tmp_path: Path) -> None:
+    a = make_task(tmp_path / "a", seed=3)
+    b = make_task(tmp_path / "b", seed=3)
+    assert load_task(tmp_path / "a") == a
+    for name in a.institutions:
+        ta, tb = (
+            load_split(a.data_path(name), "train"),
+            load_split(b.data_path(name), "train"),
+        )
+        assert torch.equal(ta, tb)
+    # Institution i mostly holds its own two domains (the tag token).
+    for i, name in enumerate(a.institutions):
+        tags = load_split(a.data_path(name), "train")[:, 0]
+        own = ((tags == 2 * i) | (tags == 2 * i + 1)).float().mean()
+        assert own > 0.8
+    with pytest.raises(TaskError, match="not in the task"):
+        a.data_path("hospital-z")
+    with pytest.raises(TaskError, match="no task at"):
+        load_task(tmp_path / "nowhere")
+    with pytest.raises(TaskError, match="invalid institution"):
+        make_task(tmp_path / "c", ("../evil",))
+
+
+def test_fused_expert_slices_restack_into_checkpoint_tensors() -> None:
+    fused = torch.arange(24.0).reshape(3, 2, 4)
+    wire_keys = {f"experts.w@{e}": fused[e : e + 1] for e in range(3)}
+    state = _to_checkpoint_layout(wire_keys)
+    assert torch.equal(state["experts.w"], fused)
+    back = _from_checkpoint_layout(state, wire_keys)
+    assert all(torch.equal(back[k], v) for k, v in wire_keys.items())
