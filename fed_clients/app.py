@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,7 @@ def _reply_metrics(
 
 
 def handle_train(msg: Message, who: Identity) -> Message:
+    t0 = time.monotonic()
     arrays, received, config = _received(msg)
     cfg = TrainConfig(
         steps=int(config.get(protocol.LOCAL_STEPS, 20)),  # type: ignore[arg-type]
@@ -139,12 +141,14 @@ def handle_train(msg: Message, who: Identity) -> Message:
         result.train_loss,
         changed,
     )
+    metrics = _reply_metrics(
+        result.num_examples, result.train_loss, result.expert_tokens
+    )
+    metrics[protocol.TRAIN_SECONDS] = time.monotonic() - t0
     content = RecordDict(
         {
             protocol.ARRAYS: out,
-            protocol.METRICS: _reply_metrics(
-                result.num_examples, result.train_loss, result.expert_tokens
-            ),
+            protocol.METRICS: metrics,
             protocol.CLIENT: ConfigRecord({protocol.INSTITUTION: who.institution}),
         }
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -246,6 +247,11 @@ def _federated_rounds(
     from loaders.models import LazyModel, load_lazy_model
     from param_server.federation.server import FederationConfig
 
+    # The demo speaks for itself: keep Flower's and Ray's own chatter out of it.
+    for name in ("flwr", "alembic", "param_server.federation", "fed_clients"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     task = make_task(work / "fed-task")
     ckpt = write_initial_checkpoint(task, work / "fed-ckpt")
     r = import_checkpoint(Store(store), ckpt, FED_MODEL, message="initial weights")

@@ -78,6 +78,7 @@ class ClientUpdate:
     expert_tokens: dict[tuple[int, int], float] = field(default_factory=dict)
     train_loss: float | None = None
     update_norm: float = 0.0
+    train_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +218,12 @@ def parse_reply(
         expert_tokens=tokens,
         train_loss=float(loss) if isinstance(loss, int | float) else None,
         update_norm=norm,
+        train_seconds=_number(metrics.get(protocol.TRAIN_SECONDS)),
     )
+
+
+def _number(v: object) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
 
 def weight_of(update: ClientUpdate, spec: TensorSpec, by_tokens: bool) -> float:

@@ -32,6 +32,8 @@ PROXIMAL_MU = "proximal-mu"  # Flower's FedProx key
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
+TRAIN_SECONDS = "train-seconds"
+"""Wall time the institution spent in its handler (building, training, packing)."""
 TOKENS_PREFIX = "expert-tokens."
 """`expert-tokens.<layer>` -> tokens routed to each expert of that layer."""
 INSTITUTION = "institution"

@@ -95,6 +95,12 @@ class FederationConfig:
             raise InvalidInputError("fraction-train must be in (0, 1]")
         if self.max_update_norm < 0 or self.round_timeout <= 0:
             raise InvalidInputError("max-update-norm >= 0 and round-timeout > 0")
+        if self.dp_clipping_norm > 0 and self.strategy == "sparse-fedavg":
+            raise InvalidInputError(
+                "differential privacy (dp-clipping-norm > 0) needs dense updates: "
+                "Flower's clipping compares every tensor; use strategy='fedavg' or "
+                "another dense strategy"
+            )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -144,6 +150,9 @@ class RoundResult:
     changed_shards: int = 0
     train_loss: float | None = None
     seconds: float = 0.0
+    wait_seconds: float = 0.0
+    """From sending the round to the last reply (Flower transport, polling and
+    the institutions' work)."""
     note: str = ""
 
 
@@ -243,6 +252,7 @@ class Federation:
         )
         self.state = load_state(client, config.model, dense=not config.sparse)
         self.results: list[RoundResult] = []
+        self._round_started = 0.0
 
     def train_config(self, rnd: int) -> ConfigRecord:
         c = self.config
@@ -270,7 +280,7 @@ class Federation:
     def run_round(self, grid: Grid) -> RoundResult:
         c, st = self.config, self.state
         rnd = st.last_round + 1
-        t0 = time.monotonic()
+        t0 = self._round_started = time.monotonic()
         if isinstance(self.strategy, SparseFedAvg):
             self.strategy.set_model(st.layout, st.arrays, st.tensors)
         messages = list(
@@ -283,7 +293,9 @@ class Federation:
             st.manifest.version,
             len(messages),
         )
+        t_send = time.monotonic()
         replies = list(grid.send_and_receive(messages, timeout=c.round_timeout))
+        wait_s = time.monotonic() - t_send
         answered = {m.metadata.src_node_id for m in replies}
         valid_msgs: list[Message] = []
         updates: list[ClientUpdate] = []
@@ -330,11 +342,13 @@ class Federation:
                     "num_examples": u.num_examples,
                     "tensors": len(u.tensors),
                     "update_norm": round(u.update_norm, 6),
+                    "train_seconds": u.train_seconds,
                 }
                 for u in updates
             ],
             rejected=[r.as_dict() for r in rejected],
         )
+        result.wait_seconds = wait_s
         if len(updates) < c.min_clients:
             result.note = (
                 f"only {len(updates)} valid update(s), {c.min_clients} needed "
@@ -410,6 +424,12 @@ class Federation:
             "contributors": result.contributors,
             "rejected": result.rejected,
             "changed_tensors": len(new),
+            "timing": {
+                "wait_seconds": round(result.wait_seconds, 3),
+                "aggregate_seconds": round(
+                    time.monotonic() - self._round_started - result.wait_seconds, 3
+                ),
+            },
             "train": {
                 "local_steps": c.local_steps,
                 "batch_size": c.batch_size,

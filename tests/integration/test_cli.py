@@ -27,6 +27,9 @@ COMMANDS = [
     "fsck",
     "status",
     "demo",
+    "fed-data",
+    "fed-app",
+    "federate",
 ]
 
 
@@ -170,3 +173,48 @@ def test_demo_runs_end_to_end() -> None:
         and "bit-exact to the checkpoint: True" in p.stdout
     )
     assert "the node swapped to it" in p.stdout and "the node followed" in p.stdout
+
+
+def test_fed_data_and_fed_app_write_a_task_and_a_flower_app(tmp_path: Path) -> None:
+    import tomllib
+
+    p = cli(
+        "fed-data",
+        str(tmp_path / "task"),
+        "--institutions",
+        "a,b",
+        "--train-docs",
+        "16",
+        "--test-docs",
+        "8",
+        "--model-out",
+        str(tmp_path / "init"),
+        check=True,
+    )
+    assert "a: " in p.stdout and (tmp_path / "task" / "b" / "data.safetensors").exists()
+    assert (tmp_path / "init" / "config.json").exists()
+    cli(
+        "fed-app",
+        str(tmp_path / "app"),
+        "--model",
+        "m",
+        "--rounds",
+        "5",
+        "--strategy",
+        "fedprox",
+        check=True,
+    )
+    doc = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    assert doc["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "param_server.federation.server:app",
+        "clientapp": "fed_clients.app:app",
+    }
+    cfg = doc["tool"]["flwr"]["app"]["config"]
+    assert cfg["num-rounds"] == 5 and cfg["strategy"] == "fedprox"
+    # Bad settings are refused before anything is launched, with the reason.
+    p = cli(
+        "fed-app", str(tmp_path / "bad"), "--model", "m", "--dp-clipping-norm", "1.0"
+    )
+    assert p.returncode == 4 and "needs dense updates" in p.stderr
+    p = cli("fed-data", str(tmp_path / "t2"), "--institutions", "../x")
+    assert p.returncode == 4 and "invalid institution" in p.stderr
