@@ -26,7 +26,8 @@ import torch
 from fed_clients.task import load_split, make_task, write_initial_checkpoint
 from fed_clients.train import TrainConfig, build_model, evaluate, train_local
 from param_server.checkpoints import import_checkpoint
-from param_server.federation.server import FederationConfig, load_state
+from param_server.federation.config import FederationConfig
+from param_server.federation.server import load_state
 from param_server.federation.simulation import run_simulation_rounds
 from param_server.service import ServerConfig, create_server
 from param_server.store import Store

@@ -130,7 +130,7 @@ def handle_train(msg: Message, who: Identity) -> Message:
         same = torch.equal(new, received[key])
         changed += not same
         if dense:
-            out[key] = wire_numpy(new)
+            out[key] = wire.to_numpy_array(new)[0]
         elif not same:
             out[key] = wire.to_array(new)
     logger.info(
@@ -153,12 +153,6 @@ def handle_train(msg: Message, who: Identity) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
-
-
-def wire_numpy(t: torch.Tensor) -> Any:
-    from flwr.app import Array
-
-    return Array(t.detach().contiguous().numpy())
 
 
 def handle_evaluate(msg: Message, who: Identity) -> Message:

@@ -7,7 +7,6 @@ the store imports works here without a name table of our own.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -211,8 +210,3 @@ def evaluate(model: nn.Module, data: torch.Tensor, batch_size: int = 64) -> floa
         )
         count += target.numel()
     return total / count
-
-
-def config_dtype(config_json: str) -> str:
-    doc = json.loads(config_json)
-    return str(doc.get("dtype") or doc.get("torch_dtype") or "float32")

@@ -24,6 +24,7 @@ from param_server.errors import (
     StoreIOError,
     UnavailableError,
 )
+from param_server.federation.config import SPARSE_FEDAVG, STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,19 @@ store_option = click.option(
     envvar="PARAM_SERVER_STORE",
     help="Store directory.",
 )
+
+
+def engine_option(default: str) -> Callable[[F], F]:
+    return click.option(
+        "--engine",
+        type=click.Choice(["simulation", "deployment"]),
+        default=default,
+        show_default=True,
+        help="Flower engine: simulation (in this process) or deployment (a "
+        "SuperLink and one SuperNode per institution on loopback).",
+    )
+
+
 server_option = click.option(
     "--server",
     default=None,
@@ -563,14 +577,7 @@ def _fleet_table(nodes: list[Any], heads: dict[str, int | None], now: float) -> 
     show_default=True,
     help="Federated rounds at the end (0 skips the federation part).",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["simulation", "deployment"]),
-    default="simulation",
-    show_default=True,
-    help="Flower engine for the rounds: in-process simulation, or a SuperLink "
-    "with one SuperNode per institution.",
-)
+@engine_option("simulation")
 @_handle_errors
 def demo(
     store: Path | None, layers: int, experts: int, hidden: int, rounds: int, engine: str
@@ -659,10 +666,8 @@ def _run_config_options(fn: F) -> F:
             click.option("--rounds", default=3, show_default=True),
             click.option(
                 "--strategy",
-                type=click.Choice(
-                    ["sparse-fedavg", "fedavg", "fedprox", "fedadam", "fedtrimmedavg"]
-                ),
-                default="sparse-fedavg",
+                type=click.Choice(STRATEGIES),
+                default=SPARSE_FEDAVG,
                 show_default=True,
             ),
             click.option(
@@ -711,7 +716,7 @@ def _run_config(**kw: Any) -> dict[str, Any]:
         "dp-clipping-norm": kw["dp_clipping_norm"],
         "dp-noise-multiplier": kw["dp_noise_multiplier"],
     }
-    from param_server.federation.server import FederationConfig
+    from param_server.federation.config import FederationConfig
 
     FederationConfig.from_run_config(cfg)  # refuse bad settings before any launch
     return cfg
@@ -739,14 +744,7 @@ def fed_app(dest: Path, **kw: Any) -> None:
     required=True,
     help="Task folder from `param-server fed-data` (one institution per data file).",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["simulation", "deployment"]),
-    default="deployment",
-    show_default=True,
-    help="deployment: a SuperLink and one SuperNode per institution on loopback; "
-    "simulation: Flower's simulation engine in this process.",
-)
+@engine_option("deployment")
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -758,7 +756,7 @@ def fed_app(dest: Path, **kw: Any) -> None:
 def federate(data_root: Path, engine: str, workdir: Path, **kw: Any) -> None:
     """Run federated rounds on this machine; each round commits a version."""
     from fed_clients.task import load_task
-    from param_server.federation.server import FederationConfig
+    from param_server.federation.config import FederationConfig
 
     run_config = _run_config(**kw)
     task = load_task(data_root)

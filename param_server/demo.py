@@ -22,7 +22,7 @@ from param_server.store import Store
 if TYPE_CHECKING:
     from fed_clients.task import Task
     from loaders.client import ParamClient
-    from param_server.federation.server import FederationConfig
+    from param_server.federation.config import FederationConfig
 
 
 def run_demo(
@@ -245,7 +245,7 @@ def _federated_rounds(
     from fed_clients.train import evaluate
     from loaders.hotswap import HotSwapper
     from loaders.models import LazyModel, load_lazy_model
-    from param_server.federation.server import FederationConfig
+    from param_server.federation.config import FederationConfig
 
     # The demo speaks for itself: keep Flower's and Ray's own chatter out of it.
     for name in ("flwr", "alembic", "param_server.federation", "fed_clients"):
@@ -365,7 +365,6 @@ def _deployment_rounds(
     client: ParamClient,
 ) -> list[int]:
     """The same rounds through a SuperLink and one SuperNode per institution."""
-    from dataclasses import fields
 
     from param_server.federation.deploy import (
         FlowerRunError,
@@ -373,10 +372,7 @@ def _deployment_rounds(
         write_app,
     )
 
-    run_config = {
-        f.name.replace("_", "-"): getattr(config, f.name) for f in fields(config)
-    }
-    app = write_app(work / "fed-app", run_config)
+    app = write_app(work / "fed-app", config.to_run_config())
     before = client.head(FED_MODEL)
     institutions = {n: str(task.data_path(n)) for n in task.institutions}
     with LocalDeployment(work / "flower", institutions) as flower:

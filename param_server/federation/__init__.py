@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "FederationConfig": "param_server.federation.server",
+    "FederationConfig": "param_server.federation.config",
     "make_server_app": "param_server.federation.server",
     "SparseFedAvg": "param_server.federation.strategies",
     "LocalDeployment": "param_server.federation.deploy",

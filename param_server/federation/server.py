@@ -14,8 +14,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,99 +30,17 @@ from param_server.federation.aggregate import (
     Layout,
     Rejection,
     UpdateRejectedError,
+    all_finite,
     institution_of,
     parse_reply,
 )
-from param_server.federation.strategies import (
-    STRATEGIES,
-    SparseFedAvg,
-    build_strategy,
-)
+from param_server.federation.config import FederationConfig
+from param_server.federation.strategies import SparseFedAvg, build_strategy
 from param_server.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
 AUTHOR = "federation"
-_NUMPY_SAFE = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class FederationConfig:
-    """The server side's settings; `from_run_config` reads Flower's run config."""
-
-    model: str
-    """Model name in the store; its HEAD is where every round starts."""
-    param_server: str = "127.0.0.1:50051"
-    """Where the param-server daemon listens (host:port or grpc://host:port)."""
-    num_rounds: int = 3
-    strategy: str = "sparse-fedavg"
-    """sparse-fedavg (ours), fedavg, fedprox, fedadam or fedtrimmedavg."""
-    min_clients: int = 2
-    """Valid updates a round needs to commit; fewer and it commits nothing."""
-    min_available: int = 2
-    """Connected institutions to wait for before a round starts."""
-    fraction_train: float = 1.0
-    round_timeout: float = 600.0
-    """Seconds to wait for replies; an institution that dies mid-round is left out."""
-    local_steps: int = 20
-    batch_size: int = 16
-    lr: float = 3e-3
-    trainable: str = "experts"
-    """What institutions train: experts, experts+router, all, or a regex."""
-    weight_by_tokens: bool = True
-    max_update_norm: float = 0.0
-    """Reject an update whose L2 distance from the global model exceeds this;
-    0 for no bound."""
-    proximal_mu: float = 0.01
-    trim_beta: float = 0.2
-    server_lr: float = 0.01
-    dp_clipping_norm: float = 0.0
-    """> 0 turns on client-side fixed-clipping DP (dense strategies only)."""
-    dp_noise_multiplier: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise InvalidInputError(
-                f"unknown strategy {self.strategy!r}; choose one of "
-                f"{', '.join(STRATEGIES)}"
-            )
-        if self.num_rounds < 1 or self.min_clients < 1 or self.local_steps < 1:
-            raise InvalidInputError(
-                "num-rounds, min-clients and local-steps must be at least 1"
-            )
-        if not 0 < self.fraction_train <= 1:
-            raise InvalidInputError("fraction-train must be in (0, 1]")
-        if self.max_update_norm < 0 or self.round_timeout <= 0:
-            raise InvalidInputError("max-update-norm >= 0 and round-timeout > 0")
-        if self.dp_clipping_norm > 0 and self.strategy == "sparse-fedavg":
-            raise InvalidInputError(
-                "differential privacy (dp-clipping-norm > 0) needs dense updates: "
-                "Flower's clipping compares every tensor; use strategy='fedavg' or "
-                "another dense strategy"
-            )
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
-        """Reads kebab-case keys (`num-rounds`, `param-server`, ...); unknown
-        keys are an error so a typo does not silently fall back to a default."""
-        names = {f.name.replace("_", "-"): f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in run_config.items():
-            f = names.get(key)
-            if f is None:
-                continue  # keys of the ClientApp share the run config
-            kwargs[f.name] = value
-        if "model" not in kwargs:
-            raise InvalidInputError("run config needs model='<name in the store>'")
-        for f in fields(cls):
-            if f.name in kwargs and f.type in ("float", "int"):
-                kwargs[f.name] = (float if f.type == "float" else int)(kwargs[f.name])
-        return cls(**kwargs)
-
-    @property
-    def sparse(self) -> bool:
-        return self.strategy == "sparse-fedavg"
 
 
 @dataclass(slots=True)
@@ -176,21 +94,8 @@ def last_federated_round(
     return 0
 
 
-def _wire_tensor(t: torch.Tensor, dense: bool) -> tuple[torch.Tensor, str]:
-    from param_server.tensor_codec import DTYPE_NAMES
-
-    name = DTYPE_NAMES[t.dtype]
-    if dense and name not in _NUMPY_SAFE:
-        # NumPy has no bf16/fp8: Flower's dense strategies get float32, an
-        # exact widening; results are rounded back to the stored dtype.
-        return t.float(), "F32"
-    return t, name
-
-
 def load_state(client: ParamClient, model: str, dense: bool) -> ModelState:
     """HEAD of `model`, every tensor fetched and verified, ready to send."""
-    from flwr.app import Array
-
     manifest = client.get_manifest(model)
     if "config.json" not in manifest.files:
         raise InvalidInputError(
@@ -208,10 +113,7 @@ def load_state(client: ParamClient, model: str, dense: bool) -> ModelState:
     for key, spec in layout.specs.items():
         t = shards[spec.shard][spec.name]
         tensors[key] = t
-        w, sent[key] = _wire_tensor(t, dense)
-        arrays[key] = (
-            Array(w.detach().cpu().contiguous().numpy()) if dense else wire.to_array(w)
-        )
+        arrays[key], sent[key] = wire.encode(t, dense)
     return ModelState(
         manifest,
         layout,
@@ -238,18 +140,7 @@ class Federation:
         self.client = client
         self.run_id = run_id
         self.on_round = on_round
-        self.strategy, self.settings = build_strategy(
-            config.strategy,
-            min_clients=config.min_clients,
-            min_available=config.min_available,
-            fraction_train=config.fraction_train,
-            weight_by_tokens=config.weight_by_tokens,
-            proximal_mu=config.proximal_mu,
-            trim_beta=config.trim_beta,
-            server_lr=config.server_lr,
-            dp_clipping_norm=config.dp_clipping_norm,
-            dp_noise_multiplier=config.dp_noise_multiplier,
-        )
+        self.strategy, self.settings = build_strategy(config)
         self.state = load_state(client, config.model, dense=not config.sparse)
         self.results: list[RoundResult] = []
         self._round_started = 0.0
@@ -370,16 +261,38 @@ class Federation:
         if metrics is not None and protocol.TRAIN_LOSS in metrics:
             loss = metrics[protocol.TRAIN_LOSS]
             result.train_loss = float(loss) if isinstance(loss, int | float) else None
-        new = self._stored_values(arrays)
+        # Sparse aggregation already knows which tensors changed; a dense
+        # strategy's output is compared with the stored values.
+        keys = (
+            self.strategy.last_changed
+            if isinstance(self.strategy, SparseFedAvg)
+            else list(arrays.keys())
+        )
+        try:
+            new = self._stored_values(arrays, keys)
+        except InvalidInputError as e:
+            result.note = f"{e}; nothing committed"
+            logger.error("round %d: %s", rnd, result.note)
+            result.seconds = time.monotonic() - t0
+            return result
         self._commit(rnd, new, arrays, result, updates)
         result.seconds = time.monotonic() - t0
         return result
 
-    def _stored_values(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        """Wire key -> aggregated tensor in the stored dtype, for changed keys."""
+    def _stored_values(
+        self, arrays: ArrayRecord, keys: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Wire key -> aggregated tensor in the stored dtype, for those of `keys`
+        that differ from the stored values.
+
+        Raises:
+            InvalidInputError: the aggregate has unknown names, other shapes, or
+                NaN/Inf (from finite updates, only by overflow).
+        """
         st = self.state
         out: dict[str, torch.Tensor] = {}
-        for key, arr in arrays.items():
+        for key in keys:
+            arr = arrays[key]
             spec = st.layout.specs.get(key)
             if spec is None:
                 raise InvalidInputError(f"the strategy returned unknown tensor {key!r}")
@@ -389,10 +302,8 @@ class Federation:
                 t = t.to(old.dtype)
             if tuple(t.shape) != spec.shape:
                 raise InvalidInputError(f"the strategy changed the shape of {key!r}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InvalidInputError(
-                    f"aggregate of {key!r} is not finite; nothing committed"
-                )
+            if t.is_floating_point() and not all_finite(t):
+                raise InvalidInputError(f"the aggregate of {key!r} is not finite")
             if not torch.equal(t, old):
                 out[key] = t
         return out
@@ -475,30 +386,19 @@ class Federation:
             r.manifest.version,
             len(shards),
         )
-        # Next round starts from what was committed, bit for bit.
+        # The next round starts from what was committed, bit for bit. Sparse
+        # aggregates already are in the stored dtype and encoding; a dense
+        # strategy's float32 results were rounded on commit: re-encode those.
         tensors = dict(st.tensors)
         tensors.update(new)
-        out = ArrayRecord()
-        from flwr.app import Array
-
-        for key in st.layout.specs:
-            if key in new:
-                w, _ = _wire_tensor(new[key], dense=not c.sparse)
-                out[key] = (
-                    wire.to_array(w)
-                    if c.sparse
-                    else Array(w.detach().contiguous().numpy())
-                )
-            else:
-                out[key] = st.arrays[key]
-        del arrays
+        if not c.sparse:
+            out = ArrayRecord()
+            for key, arr in st.arrays.items():
+                out[key] = wire.encode(new[key], dense=True)[0] if key in new else arr
+            arrays = out
         self.state = ModelState(
-            r.manifest, st.layout, tensors, out, st.sent_dtypes, st.config_json, rnd
+            r.manifest, st.layout, tensors, arrays, st.sent_dtypes, st.config_json, rnd
         )
-
-
-def result_summary(r: RoundResult) -> dict[str, Any]:
-    return asdict(r)
 
 
 def make_server_app(

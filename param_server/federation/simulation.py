@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from param_server.federation.server import (
-    FederationConfig,
-    RoundResult,
-    make_server_app,
-)
+from param_server.federation.config import FederationConfig
+from param_server.federation.server import RoundResult, make_server_app
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
 logger = logging.getLogger(__name__)
+
+
+def _start_ray(init_args: dict[str, str | bool], attempts: int = 3) -> None:
+    """Starts Ray for the simulation engine (which then reuses it), retrying.
+
+    On a small, loaded machine Ray's head node sometimes misses its fixed
+    30 s start-up deadline; that is worth another try, not a failed run.
+    Flower's backend shuts Ray down when the simulation ends.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                include_dashboard=False,
+                **init_args,  # type: ignore[arg-type]
+            )
+            return
+        except Exception as e:  # Ray raises a bare Exception on start-up timeout
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            logger.warning(
+                "Ray did not start (%s); retrying (%d/%d)", e, attempt, attempts
+            )
 
 
 def run_simulation_rounds(
@@ -44,13 +72,18 @@ def run_simulation_rounds(
         if on_round is not None:
             on_round(r)
 
+    init_args: dict[str, str | bool] = {
+        "logging_level": "ERROR",
+        "log_to_driver": False,
+    }
+    _start_ray(init_args)
     run_simulation(
         server_app=make_server_app(config, on_round=note),
         client_app=client_app or make_client_app(data_root),
         num_supernodes=num_institutions,
         backend_config={
             "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+            "init_args": {**init_args},
         },
     )
     if len(results) != config.num_rounds:

@@ -33,11 +33,9 @@ from param_server.federation.aggregate import (
     parse_reply,
     sparse_average,
 )
+from param_server.federation.config import SPARSE_FEDAVG, FederationConfig
 
 logger = logging.getLogger(__name__)
-
-SPARSE_FEDAVG = "sparse-fedavg"
-STRATEGIES = (SPARSE_FEDAVG, "fedavg", "fedprox", "fedadam", "fedtrimmedavg")
 
 
 class SparseFedAvg(FedAvg):
@@ -128,77 +126,51 @@ class SparseFedAvg(FedAvg):
         return self.aggregate_updates(updates)
 
 
-def build_strategy(
-    name: str,
-    *,
-    min_clients: int,
-    min_available: int,
-    fraction_train: float,
-    weight_by_tokens: bool,
-    proximal_mu: float,
-    trim_beta: float,
-    server_lr: float,
-    dp_clipping_norm: float,
-    dp_noise_multiplier: float,
-) -> tuple[Strategy, dict[str, Any]]:
-    """The strategy named in the run config and its settings for provenance.
+def build_strategy(config: FederationConfig) -> tuple[Strategy, dict[str, Any]]:
+    """The strategy `config` names, and its settings for provenance.
 
-    Raises:
-        InvalidInputError: an unknown name, or DP asked of the sparse strategy
-            (Flower's clipping needs every tensor in every update).
+    DP with the sparse strategy is refused by FederationConfig itself:
+    Flower's clipping needs every tensor in every update.
     """
+    c = config
     common: dict[str, Any] = {
-        "fraction_train": fraction_train,
+        "fraction_train": c.fraction_train,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": min_clients,
-        "min_available_nodes": max(min_available, min_clients),
+        "min_train_nodes": c.min_clients,
+        "min_available_nodes": max(c.min_available, c.min_clients),
         "arrayrecord_key": protocol.ARRAYS,
         "configrecord_key": protocol.CONFIG,
     }
     settings: dict[str, Any] = {
-        "name": name,
-        "fraction_train": fraction_train,
-        "min_clients": min_clients,
+        "name": c.strategy,
+        "fraction_train": c.fraction_train,
+        "min_clients": c.min_clients,
     }
     strategy: Strategy
-    if name == SPARSE_FEDAVG:
-        strategy = SparseFedAvg(weight_by_tokens=weight_by_tokens, **common)
-        settings["weight_by_tokens"] = weight_by_tokens
-    elif name == "fedavg":
+    if c.strategy == SPARSE_FEDAVG:
+        strategy = SparseFedAvg(weight_by_tokens=c.weight_by_tokens, **common)
+        settings["weight_by_tokens"] = c.weight_by_tokens
+    elif c.strategy == "fedavg":
         strategy = FedAvg(**common)
-    elif name == "fedprox":
-        strategy = FedProx(proximal_mu=proximal_mu, **common)
-        settings["proximal_mu"] = proximal_mu
-    elif name == "fedadam":
-        strategy = FedAdam(eta=server_lr, **common)
-        settings["eta"] = server_lr
-    elif name == "fedtrimmedavg":
-        strategy = FedTrimmedAvg(beta=trim_beta, **common)
-        settings["beta"] = trim_beta
-    else:
-        raise InvalidInputError(
-            f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}"
-        )
-    if dp_clipping_norm > 0:
-        if name == SPARSE_FEDAVG:
-            raise InvalidInputError(
-                "differential privacy (dp-clipping-norm > 0) needs dense updates: "
-                "Flower's clipping compares every tensor; use strategy='fedavg' "
-                "or another dense strategy"
-            )
+    elif c.strategy == "fedprox":
+        strategy = FedProx(proximal_mu=c.proximal_mu, **common)
+        settings["proximal_mu"] = c.proximal_mu
+    elif c.strategy == "fedadam":
+        strategy = FedAdam(eta=c.server_lr, **common)
+        settings["eta"] = c.server_lr
+    else:  # FederationConfig admits only STRATEGIES
+        strategy = FedTrimmedAvg(beta=c.trim_beta, **common)
+        settings["beta"] = c.trim_beta
+    if c.dp_clipping_norm > 0:
         strategy = DifferentialPrivacyClientSideFixedClipping(
             strategy,
-            noise_multiplier=dp_noise_multiplier,
-            clipping_norm=dp_clipping_norm,
-            num_sampled_clients=min_clients,
+            noise_multiplier=c.dp_noise_multiplier,
+            clipping_norm=c.dp_clipping_norm,
+            num_sampled_clients=c.min_clients,
         )
         settings["dp"] = {
             "kind": "client-side fixed clipping",
-            "clipping_norm": dp_clipping_norm,
-            "noise_multiplier": dp_noise_multiplier,
+            "clipping_norm": c.dp_clipping_norm,
+            "noise_multiplier": c.dp_noise_multiplier,
         }
     return strategy, settings
-
-
-def is_sparse(strategy: Strategy) -> bool:
-    return isinstance(strategy, SparseFedAvg)

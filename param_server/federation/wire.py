@@ -57,6 +57,31 @@ def to_array(t: torch.Tensor) -> Array:
     return Array(dtype=dtype, shape=tuple(t.shape), stype=RAW_STYPE, data=data)
 
 
+_NUMPY_SAFE = frozenset(_NUMPY_DTYPES.values())
+
+
+def to_numpy_array(t: torch.Tensor) -> tuple[Array, str]:
+    """`t` as a Flower NumPy Array (what its strategies and mods read), and the
+    dtype it travels in: NumPy has no bf16 or fp8, so those are widened to
+    float32, exactly; everything else keeps its dtype."""
+    t = t.detach().cpu().contiguous()
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise InvalidInputError(f"dtype {t.dtype} cannot be sent")
+    if name not in _NUMPY_SAFE:
+        t, name = t.float(), "F32"
+    return Array(t.numpy()), name
+
+
+def encode(t: torch.Tensor, dense: bool) -> tuple[Array, str]:
+    """`t` for the wire: raw and bit-exact (sparse mode), or NumPy (dense mode,
+    see `to_numpy_array`). Returns the Array and the dtype it carries."""
+    if dense:
+        return to_numpy_array(t)
+    arr = to_array(t)
+    return arr, arr.dtype
+
+
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """An ArrayRecord of raw-encoded tensors, in the order given."""
     rec = ArrayRecord()

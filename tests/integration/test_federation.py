@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ from loaders.models import load_lazy_model
 from param_server.checkpoints import import_checkpoint
 from param_server.daemon import spawn_daemon
 from param_server.federation import protocol, wire
+from param_server.federation.config import FederationConfig
 from param_server.federation.deploy import LocalDeployment, write_app
-from param_server.federation.server import FederationConfig, load_state
+from param_server.federation.server import load_state
 from param_server.federation.simulation import run_simulation_rounds
 from param_server.service import ServerConfig, create_server
 from param_server.store import Store
@@ -137,9 +139,7 @@ def test_simulation_rejects_bad_updates_commits_the_rest_and_resumes(
     # with 3 of 4 valid needed and two bad institutions, nothing is committed.
     srv, target = _serve(store_path)
     try:
-        strict = FederationConfig(
-            **{**_kw(cfg), "param_server": target, "min_clients": 3}
-        )
+        strict = replace(cfg, param_server=target, min_clients=3)
         [r2] = run_simulation_rounds(
             strict, task.root, 4, client_app=_faulty_client_app(task.root, faults)
         )
@@ -148,7 +148,7 @@ def test_simulation_rejects_bad_updates_commits_the_rest_and_resumes(
         assert store.head(MODEL) == r1.version
 
         # Healthy again: it resumes from HEAD with the next round number.
-        good = FederationConfig(**{**_kw(cfg), "param_server": target})
+        good = replace(cfg, param_server=target)
         [r3] = run_simulation_rounds(good, task.root, 4)
         assert r3.round == 2 and r3.version == r1.version + 1
         m3 = store.get_manifest(MODEL, r3.version)
@@ -159,10 +159,104 @@ def test_simulation_rejects_bad_updates_commits_the_rest_and_resumes(
         srv.stop(0).wait()  # type: ignore[attr-defined]
 
 
-def _kw(cfg: FederationConfig) -> dict[str, object]:
-    from dataclasses import fields
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("strategy", "extra", "setting"),
+    [
+        ("fedprox", {"proximal_mu": 0.5}, ("proximal_mu", 0.5)),
+        ("fedadam", {"server_lr": 0.05}, ("eta", 0.05)),
+        ("fedtrimmedavg", {"trim_beta": 0.2}, ("beta", 0.2)),
+        ("fedavg", {"dp_clipping_norm": 5.0, "dp_noise_multiplier": 0.01}, None),
+    ],
+)
+def test_flowers_dense_strategies_and_dp_commit_a_bf16_model(
+    fed_store: tuple[Path, Task],
+    strategy: str,
+    extra: dict[str, float],
+    setting: tuple[str, float] | None,
+) -> None:
+    store_path, task = fed_store
+    store = Store(store_path)
+    v1 = store.head(MODEL)
+    srv, target = _serve(store_path)
+    try:
+        cfg = FederationConfig(
+            model=MODEL,
+            param_server=target,
+            num_rounds=1,
+            min_clients=3,
+            min_available=3,
+            local_steps=2,
+            batch_size=8,
+            round_timeout=120.0,
+            strategy=strategy,
+            **extra,  # type: ignore[arg-type]
+        )
+        [r] = run_simulation_rounds(cfg, task.root, 3)
+    finally:
+        srv.stop(0).wait()  # type: ignore[attr-defined]
+    assert r.version == v1 + 1, r.note
+    m = store.get_manifest(MODEL, r.version)
+    fed = m.metadata["federation"]
+    assert fed["update_mode"] == "dense" and fed["strategy"]["name"] == strategy
+    assert fed["wire_dtype"].startswith("BF16 sent as F32")
+    if setting is not None:
+        assert fed["strategy"][setting[0]] == setting[1]
+    else:
+        assert fed["strategy"]["dp"]["clipping_norm"] == 5.0
+    assert len(fed["contributors"]) == 3 and not fed["rejected"]
+    # What Flower averaged in float32 was rounded back: the store stays bf16.
+    assert {
+        t.dtype for ts in _shards(store_path, r.version).values() for t in ts.values()
+    } == {torch.bfloat16}
 
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+def test_a_round_whose_base_moved_is_not_committed_and_the_next_rebases(
+    tmp_path: Path, fed_store: tuple[Path, Task]
+) -> None:
+    """Another writer commits while institutions train: compare-and-set refuses
+    that round's commit; the next round starts from the other writer's version."""
+    store_path, task = fed_store
+    srv, target = _serve(store_path)
+    marker = tmp_path / "intruded"
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if int(context.node_config["partition-id"]) == 0 and not marker.exists():
+            marker.touch()
+            with ParamClient(target) as c:
+                head = c.get_manifest(MODEL)
+                g = c.fetch_shards(MODEL, ["global"], manifest=head)["global"]
+                c.commit(
+                    MODEL,
+                    head.version,
+                    {"global": {k: t.clone() * 0.5 for k, t in g.items()}},
+                    author="someone-else",
+                )
+        return handle_train(msg, identity(context, task.root))
+
+    store = Store(store_path)
+    v1 = store.head(MODEL)
+    try:
+        cfg = FederationConfig(
+            model=MODEL,
+            param_server=target,
+            num_rounds=2,
+            min_clients=2,
+            min_available=2,
+            local_steps=2,
+            batch_size=8,
+            round_timeout=120.0,
+        )
+        r1, r2 = run_simulation_rounds(cfg, task.root, 2, client_app=app)
+    finally:
+        srv.stop(0).wait()  # type: ignore[attr-defined]
+    assert r1.version is None and "HEAD moved" in r1.note
+    assert r2.round == 1 and r2.version == v1 + 2  # v1 + 1 is the other writer's
+    m = store.get_manifest(MODEL, r2.version)
+    assert m.parent == v1 + 1 and m.metadata["federation"]["base_version"] == v1 + 1
+    assert store.get_manifest(MODEL, v1 + 1).author == "someone-else"
 
 
 def _shards(store_path: Path, version: int) -> dict[str, dict[str, torch.Tensor]]:

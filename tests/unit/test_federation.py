@@ -30,11 +30,12 @@ from param_server.federation.aggregate import (
     Layout,
     TensorSpec,
     UpdateRejectedError,
+    all_finite,
     merge_into_record,
     parse_reply,
     sparse_average,
 )
-from param_server.federation.server import FederationConfig
+from param_server.federation.config import FederationConfig
 from param_server.federation.strategies import build_strategy
 
 # --- wire format -------------------------------------------------------------
@@ -273,6 +274,23 @@ def test_bad_updates_are_rejected_with_the_reason(
         _parse(_reply(arrays), **kw)
 
 
+@pytest.mark.parametrize(
+    ("values", "dtype", "finite"),
+    [
+        ([3e38, 3e38, -1.0], torch.float32, True),  # the sum overflows; all finite
+        ([6e4, 6e4], torch.float16, True),
+        ([1.0, math.inf], torch.float32, False),
+        ([math.inf, -math.inf], torch.float32, False),
+        ([1.0, math.nan], torch.bfloat16, False),
+        ([1e308, 1e308], torch.float64, True),
+    ],
+)
+def test_finiteness_check_is_exact(
+    values: list[float], dtype: torch.dtype, finite: bool
+) -> None:
+    assert all_finite(torch.tensor(values, dtype=dtype)) is finite
+
+
 def test_norm_bound_measures_distance_from_the_global_model() -> None:
     u = _parse(_reply({"head": torch.tensor([8.0, 10.0])}), max_update_norm=5.0)
     assert u.update_norm == pytest.approx(5.0)  # |(3, 4)|
@@ -307,50 +325,39 @@ def test_run_config_is_parsed_once_and_checked() -> None:
     assert cfg.num_rounds == 4 and cfg.lr == 1.0 and not cfg.sparse
     with pytest.raises(InvalidInputError, match="unknown strategy 'fedsgd'"):
         FederationConfig.from_run_config({"model": "m", "strategy": "fedsgd"})
+    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
     with pytest.raises(InvalidInputError, match="needs model="):
         FederationConfig.from_run_config({"num-rounds": 1})
 
 
 @pytest.mark.parametrize(
-    "name", ["sparse-fedavg", "fedavg", "fedprox", "fedadam", "fedtrimmedavg"]
+    ("name", "cls", "setting"),
+    [
+        ("sparse-fedavg", "SparseFedAvg", "weight_by_tokens"),
+        ("fedavg", "FedAvg", None),
+        ("fedprox", "FedProx", "proximal_mu"),
+        ("fedadam", "FedAdam", "eta"),
+        ("fedtrimmedavg", "FedTrimmedAvg", "beta"),
+    ],
 )
-def test_every_strategy_builds_and_says_what_it_is(name: str) -> None:
-    strategy, settings = build_strategy(
-        name,
-        min_clients=2,
-        min_available=2,
-        fraction_train=1.0,
-        weight_by_tokens=True,
-        proximal_mu=0.1,
-        trim_beta=0.2,
-        server_lr=0.01,
-        dp_clipping_norm=0.0,
-        dp_noise_multiplier=0.0,
-    )
+def test_every_strategy_builds_and_says_what_it_is(
+    name: str, cls: str, setting: str | None
+) -> None:
+    strategy, settings = build_strategy(FederationConfig(model="m", strategy=name))
+    assert type(strategy).__name__ == cls
     assert settings["name"] == name
-    assert strategy.__class__.__name__.lower().replace("sparse", "sparse-") in (
-        name,
-        "sparse-fedavg",
-    )
+    assert setting is None or setting in settings
 
 
 def test_dp_wraps_dense_strategies_and_is_refused_for_sparse() -> None:
-    kw = dict(
-        min_clients=2,
-        min_available=2,
-        fraction_train=1.0,
-        weight_by_tokens=True,
-        proximal_mu=0.1,
-        trim_beta=0.2,
-        server_lr=0.01,
-        dp_clipping_norm=1.0,
-        dp_noise_multiplier=0.5,
+    dp = {"dp_clipping_norm": 1.0, "dp_noise_multiplier": 0.5}
+    strategy, settings = build_strategy(
+        FederationConfig(model="m", strategy="fedavg", **dp)  # type: ignore[arg-type]
     )
-    strategy, settings = build_strategy("fedavg", **kw)  # type: ignore[arg-type]
-    assert "ClientSideFixedClipping" in type(strategy).__name__
+    assert type(strategy).__name__ == "DifferentialPrivacyClientSideFixedClipping"
     assert settings["dp"]["clipping_norm"] == 1.0
     with pytest.raises(InvalidInputError, match="needs dense updates"):
-        build_strategy("sparse-fedavg", **kw)  # type: ignore[arg-type]
+        FederationConfig(model="m", **dp)  # type: ignore[arg-type]
 
 
 # --- the task ---------------------------------------------------------------

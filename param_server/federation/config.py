@@ -1,0 +1,95 @@
+"""The federation's settings, parsed once from Flower's run config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from param_server.errors import InvalidInputError
+
+SPARSE_FEDAVG = "sparse-fedavg"
+STRATEGIES = (SPARSE_FEDAVG, "fedavg", "fedprox", "fedadam", "fedtrimmedavg")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FederationConfig:
+    """The server side's settings; `from_run_config` reads Flower's run config."""
+
+    model: str
+    """Model name in the store; its HEAD is where every round starts."""
+    param_server: str = "127.0.0.1:50051"
+    """Where the param-server daemon listens (host:port or grpc://host:port)."""
+    num_rounds: int = 3
+    strategy: str = SPARSE_FEDAVG
+    """sparse-fedavg (ours), fedavg, fedprox, fedadam or fedtrimmedavg."""
+    min_clients: int = 2
+    """Valid updates a round needs to commit; fewer and it commits nothing."""
+    min_available: int = 2
+    """Connected institutions to wait for before a round starts."""
+    fraction_train: float = 1.0
+    round_timeout: float = 600.0
+    """Seconds to wait for replies; an institution that dies mid-round is left out."""
+    local_steps: int = 20
+    batch_size: int = 16
+    lr: float = 3e-3
+    trainable: str = "experts"
+    """What institutions train: experts, experts+router, all, or a regex."""
+    weight_by_tokens: bool = True
+    max_update_norm: float = 0.0
+    """Reject an update whose L2 distance from the global model exceeds this;
+    0 for no bound."""
+    proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    server_lr: float = 0.01
+    dp_clipping_norm: float = 0.0
+    """> 0 turns on client-side fixed-clipping DP (dense strategies only)."""
+    dp_noise_multiplier: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InvalidInputError(
+                f"unknown strategy {self.strategy!r}; choose one of "
+                f"{', '.join(STRATEGIES)}"
+            )
+        if self.num_rounds < 1 or self.min_clients < 1 or self.local_steps < 1:
+            raise InvalidInputError(
+                "num-rounds, min-clients and local-steps must be at least 1"
+            )
+        if not 0 < self.fraction_train <= 1:
+            raise InvalidInputError("fraction-train must be in (0, 1]")
+        if self.max_update_norm < 0 or self.round_timeout <= 0:
+            raise InvalidInputError("max-update-norm >= 0 and round-timeout > 0")
+        if self.dp_clipping_norm > 0 and self.sparse:
+            raise InvalidInputError(
+                "differential privacy (dp-clipping-norm > 0) needs dense updates: "
+                "Flower's clipping compares every tensor; use strategy='fedavg' or "
+                "another dense strategy"
+            )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Reads kebab-case keys (`num-rounds`, `param-server`, ...); unknown
+        keys are an error so a typo does not silently fall back to a default."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            f = names.get(key)
+            if f is None:
+                continue  # keys of the ClientApp share the run config
+            kwargs[f.name] = value
+        if "model" not in kwargs:
+            raise InvalidInputError("run config needs model='<name in the store>'")
+        for f in fields(cls):
+            if f.name in kwargs and f.type in ("float", "int"):
+                kwargs[f.name] = (float if f.type == "float" else int)(kwargs[f.name])
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case run config `from_run_config` reads back."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def sparse(self) -> bool:
+        return self.strategy == SPARSE_FEDAVG
