@@ -173,6 +173,10 @@ def test_demo_runs_end_to_end() -> None:
         and "bit-exact to the checkpoint: True" in p.stdout
     )
     assert "the node swapped to it" in p.stdout and "the node followed" in p.stdout
+    # The federated part: three rounds, both live nodes on each, loss down
+    # (the demo exits non-zero otherwise).
+    assert "3 rounds committed" in p.stdout
+    assert p.stdout.count("node-2 serves @") == 3
 
 
 def test_fed_data_and_fed_app_write_a_task_and_a_flower_app(tmp_path: Path) -> None:
