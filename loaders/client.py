@@ -25,16 +25,21 @@ from param_server import tensor_codec
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.errors import (
+    AuthenticationError,
+    BusyError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
     ParamServerError,
+    PermissionDeniedError,
     StaleParentError,
     StoreIOError,
     UnavailableError,
 )
 from param_server.manifest import Manifest, VersionInfo
+from param_server.security import AUTH_HEADER, Credentials, is_loopback_host
 from param_server.service import (
+    BUSY,
     CHUNK_BYTES,
     COMMIT_DATA_FIELD,
     FETCH_DATA_FIELD,
@@ -57,14 +62,34 @@ _ERRORS: dict[grpc.StatusCode, type[ParamServerError]] = {
     grpc.StatusCode.DATA_LOSS: IntegrityError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: StoreIOError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# How long a client keeps retrying a server that refuses streams as busy.
+BUSY_PATIENCE = 120.0
+
+
+def _is_busy(e: grpc.RpcError) -> bool:
+    """The server refused the call before doing anything, for lack of slots."""
+    details = e.details() or ""
+    return (e.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(BUSY)) or (
+        e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "Concurrent RPC limit" in details
+    )
 
 
 def _error(e: grpc.RpcError, what: str) -> ParamServerError:
     code = e.code()
-    cls = _ERRORS.get(code, ParamServerError)
+    cls = BusyError if _is_busy(e) else _ERRORS.get(code, ParamServerError)
     return cls(f"{what}: {code.name}: {e.details()}")
+
+
+def _is_local_target(target: str) -> bool:
+    if target.startswith("unix:"):
+        return True
+    host = target.rsplit(":", 1)[0] if ":" in target else target
+    return is_loopback_host(host)
 
 
 @dataclass(slots=True)
@@ -99,6 +124,9 @@ class ParamClient:
         disk_cache: keep fetched blobs on local disk (see DiskBlobCache) and
             use them before asking the server, so a restarted node warms
             from disk.
+        credentials: a bearer token, and TLS settings (server CA, client
+            certificate for mutual TLS). A token is never sent in plaintext
+            to another host.
     """
 
     def __init__(
@@ -112,6 +140,7 @@ class ParamClient:
         streams: int = 4,
         same_host: bool = True,
         disk_cache: DiskBlobCache | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
@@ -122,22 +151,45 @@ class ParamClient:
         self.retries, self.backoff, self.streams = retries, backoff, streams
         self.stats = FetchStats()
         self._stats_lock = threading.Lock()
+        creds = credentials or Credentials()
+        if creds.token and not creds.tls and not _is_local_target(target):
+            raise InvalidInputError(
+                f"refusing to send a token in plaintext to {target}; connect with "
+                "TLS (grpcs://host:port, --ca-cert) or to a loopback address"
+            )
+        self.credentials = creds
+        self._md: tuple[tuple[str, str], ...] | None = (
+            ((AUTH_HEADER, f"Bearer {creds.token}"),) if creds.token else None
+        )
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Notice a dead server or connection during long streams.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ]
-        # Separate connections so parallel streams are not one TCP flow.
-        self._channels = [
-            grpc.insecure_channel(
-                target,
-                options=[
-                    *options,
-                    ("grpc.channel_id", i),
-                    ("grpc.use_local_subchannel_pool", 1),
-                ],
+        channel_creds = (
+            grpc.ssl_channel_credentials(
+                root_certificates=creds.ca,
+                private_key=creds.key,
+                certificate_chain=creds.cert,
             )
-            for i in range(streams)
-        ]
+            if creds.tls
+            else None
+        )
+
+        def channel(i: int) -> grpc.Channel:
+            opts = [
+                *options,
+                ("grpc.channel_id", i),
+                ("grpc.use_local_subchannel_pool", 1),
+            ]
+            if channel_creds is None:
+                return grpc.insecure_channel(target, options=opts)
+            return grpc.secure_channel(target, channel_creds, options=opts)
+
+        # Separate connections so parallel streams are not one TCP flow.
+        self._channels = [channel(i) for i in range(streams)]
         self._stubs = [
             pb_grpc.ParamServerStub(c)  # type: ignore[no-untyped-call]
             for c in self._channels
@@ -172,18 +224,31 @@ class ParamClient:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> ParamClient:
-        """A client from "grpc://host:port", "host:port" or "unix:/path"."""
+    def from_url(
+        cls, url: str, credentials: Credentials | None = None, **kwargs: Any
+    ) -> ParamClient:
+        """A client from "grpc://host:port", "grpcs://host:port" (TLS),
+        "host:port" or "unix:/path"."""
         if url.startswith("unix:"):
-            return cls(url, **kwargs)
+            return cls(url, credentials=credentials, **kwargs)
         parsed = urlparse(url if "://" in url else f"grpc://{url}")
-        if parsed.scheme != "grpc" or not parsed.hostname or not parsed.port:
+        if parsed.scheme not in ("grpc", "grpcs") or not parsed.hostname:
             raise InvalidInputError(
-                f"cannot use server URL {url!r}: expected grpc://host:port, host:port "
-                "or unix:/path"
+                f"cannot use server URL {url!r}: expected grpc://host:port, "
+                "grpcs://host:port (TLS), host:port or unix:/path"
             )
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if not port:
+            raise InvalidInputError(f"server URL {url!r} has no valid port")
+        if parsed.scheme == "grpcs":
+            c = credentials or Credentials()
+            if not c.tls:
+                credentials = Credentials(token=c.token, tls=True)
         host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-        return cls(f"{host}:{parsed.port}", **kwargs)
+        return cls(f"{host}:{port}", credentials=credentials, **kwargs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -200,27 +265,37 @@ class ParamClient:
 
     # --- calls with retries -------------------------------------------------------
 
-    def _retry(self, what: str, call: Callable[[], T]) -> T:
+    def _retry(self, what: str, call: Callable[[], T], *, only_busy: bool = False) -> T:
+        """Calls `call`, retrying busy refusals and (unless `only_busy`)
+        UNAVAILABLE up to `retries` times."""
         delay = self.backoff
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        busy_until = time.monotonic() + BUSY_PATIENCE
+        while True:
             try:
                 return call()
             except grpc.RpcError as e:
-                if e.code() not in _RETRYABLE or attempt == self.retries:
+                if _is_busy(e) and time.monotonic() < busy_until:
+                    # Refused before any work: wait for a slot however long
+                    # the fleet takes, within BUSY_PATIENCE.
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if only_busy or e.code() not in _RETRYABLE or attempt == self.retries:
                     raise _error(e, what) from e
+                attempt += 1
                 with self._stats_lock:
                     self.stats.retries += 1
                 logger.warning(
                     "%s: %s, retry %d/%d in %.2fs",
                     what,
                     e.code().name,
-                    attempt + 1,
+                    attempt,
                     self.retries,
                     delay,
                 )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Blocks until the server answers, or raises UnavailableError."""
@@ -238,7 +313,7 @@ class ParamClient:
         r = self._retry(
             "list models",
             lambda: self._stubs[0].ListModels(
-                pb.ListModelsRequest(), timeout=self.timeout
+                pb.ListModelsRequest(), timeout=self.timeout, metadata=self._md
             ),
         )
         return list(r.models)
@@ -250,6 +325,7 @@ class ParamClient:
             lambda: self._stubs[0].GetManifest(
                 pb.GetManifestRequest(model=model, version=version or 0),
                 timeout=self.timeout,
+                metadata=self._md,
             ),
         )
         return Manifest.from_proto(r)
@@ -262,7 +338,7 @@ class ParamClient:
         info: pb.StoreInfo = self._retry(
             "get store info",
             lambda: self._stubs[0].GetStoreInfo(
-                pb.GetStoreInfoRequest(), timeout=self.timeout
+                pb.GetStoreInfoRequest(), timeout=self.timeout, metadata=self._md
             ),
         )
         return info.announce_url or None
@@ -271,7 +347,9 @@ class ParamClient:
         r = self._retry(
             f"versions of {model}",
             lambda: self._stubs[0].ListVersions(
-                pb.ListVersionsRequest(model=model), timeout=self.timeout
+                pb.ListVersionsRequest(model=model),
+                timeout=self.timeout,
+                metadata=self._md,
             ),
         )
         return [VersionInfo.from_proto(v) for v in r.versions]
@@ -281,7 +359,9 @@ class ParamClient:
         r = self._retry(
             f"head of {model}",
             lambda: self._stubs[0].ListVersions(
-                pb.ListVersionsRequest(model=model), timeout=self.timeout
+                pb.ListVersionsRequest(model=model),
+                timeout=self.timeout,
+                metadata=self._md,
             ),
         )
         return int(r.head)
@@ -476,6 +556,7 @@ class ParamClient:
                 file_names=[k for k in keys if wanted[k][2]],
             ),
             timeout=self.stream_timeout,
+            metadata=self._md,
         )
         hasher = self._hashers[stream]
         received: list[tuple[pb.BlobHeader, bytearray, int, Future[str]]] = []
@@ -547,7 +628,9 @@ class ParamClient:
             if not self._local_checked:
                 try:
                     info = self._stubs[0].GetStoreInfo(
-                        pb.GetStoreInfoRequest(), timeout=self.timeout
+                        pb.GetStoreInfoRequest(),
+                        timeout=self.timeout,
+                        metadata=self._md,
                     )
                     self._local_checked = True
                     root = Path(info.blob_root)
@@ -637,10 +720,15 @@ class ParamClient:
                         COMMIT_DATA_FIELD, view[i : i + CHUNK_BYTES]
                     )
 
-        try:
-            r = self._commit_call(requests(), timeout=self.stream_timeout)
-        except grpc.RpcError as e:
-            raise _error(e, f"commit to {model} on version {parent}") from e
+        # Not retried on UNAVAILABLE (the first attempt may have landed), only
+        # when refused as busy, which happens before anything is read.
+        r = self._retry(
+            f"commit to {model} on version {parent}",
+            lambda: self._commit_call(
+                requests(), timeout=self.stream_timeout, metadata=self._md
+            ),
+            only_busy=True,
+        )
         return CommitResult(
             Manifest.from_proto(r.manifest), r.blobs_written, r.bytes_written
         )
@@ -656,6 +744,7 @@ class ParamClient:
                     model=model, version=version, author=author, message=message
                 ),
                 timeout=self.timeout,
+                metadata=self._md,
             ),
         )
         return r.previous_head, r.head
@@ -666,6 +755,7 @@ class ParamClient:
             lambda: self._stubs[0].SetPin(
                 pb.SetPinRequest(model=model, version=version, pinned=pinned),
                 timeout=self.timeout,
+                metadata=self._md,
             ),
         )
         return list(r.pinned)
@@ -677,6 +767,7 @@ class ParamClient:
             lambda: self._stubs[0].CollectGarbage(
                 pb.CollectGarbageRequest(keep_last=keep_last, dry_run=dry_run),
                 timeout=self.timeout,
+                metadata=self._md,
             ),
         )
         dropped = [

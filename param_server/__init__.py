@@ -6,10 +6,13 @@ import importlib
 from typing import Any
 
 from param_server.errors import (
+    AuthenticationError,
+    BusyError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
     ParamServerError,
+    PermissionDeniedError,
     SchemaMismatchError,
     StaleParentError,
     StoreIOError,
@@ -22,6 +25,7 @@ from param_server.manifest import (
     TensorInfo,
     VersionInfo,
 )
+from param_server.security import Credentials, Role, TokenTable
 from param_server.store import CommitResult, GcResult, Store
 
 # Heavy imports (torch, grpc) load on first use, so the store stays fast to import.
@@ -40,7 +44,10 @@ _LAZY = {
 __all__ = [
     "Announcement",
     "Announcer",
+    "AuthenticationError",
+    "BusyError",
     "CommitResult",
+    "Credentials",
     "EmbeddedRedis",
     "FileEntry",
     "GcResult",
@@ -49,7 +56,9 @@ __all__ = [
     "Manifest",
     "NotFoundError",
     "ParamServerError",
+    "PermissionDeniedError",
     "RedisMissingError",
+    "Role",
     "SchemaMismatchError",
     "ServerConfig",
     "ShardEntry",
@@ -57,6 +66,7 @@ __all__ = [
     "Store",
     "StoreIOError",
     "TensorInfo",
+    "TokenTable",
     "UnavailableError",
     "VersionInfo",
     "create_server",

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,6 +25,9 @@ from param_server.errors import (
     UnavailableError,
 )
 from param_server.federation.config import SPARSE_FEDAVG, STRATEGIES
+
+if TYPE_CHECKING:
+    from param_server.security import Credentials
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,67 @@ server_option = click.option(
 )
 
 
+def client_options(fn: F) -> F:
+    """--token and TLS options for commands that talk to a daemon; the
+    command receives them as one `credentials` argument."""
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any,
+        token: str | None,
+        ca_cert: Path | None,
+        client_cert: Path | None,
+        client_key: Path | None,
+        **kwargs: Any,
+    ) -> Any:
+        from param_server.security import Credentials
+
+        kwargs["credentials"] = Credentials.from_files(
+            token=token, ca=ca_cert, cert=client_cert, key=client_key
+        )
+        return fn(*args, **kwargs)
+
+    path = click.Path(dir_okay=False, exists=True, path_type=Path)
+    for decorator in reversed(
+        [
+            click.option(
+                "--token",
+                default=None,
+                envvar="PARAM_SERVER_TOKEN",
+                show_envvar=True,
+                help="Bearer token for a daemon that requires one.",
+            ),
+            click.option(
+                "--ca-cert",
+                type=path,
+                default=None,
+                envvar="PARAM_SERVER_CA",
+                show_envvar=True,
+                help="Connect with TLS, trusting this CA (PEM) for the server's "
+                "certificate (grpcs://HOST:PORT uses the system's CAs).",
+            ),
+            click.option(
+                "--client-cert",
+                type=path,
+                default=None,
+                envvar="PARAM_SERVER_CLIENT_CERT",
+                show_envvar=True,
+                help="This client's certificate (PEM) for mutual TLS.",
+            ),
+            click.option(
+                "--client-key",
+                type=path,
+                default=None,
+                envvar="PARAM_SERVER_CLIENT_KEY",
+                show_envvar=True,
+                help="The key (PEM) of --client-cert.",
+            ),
+        ]
+    ):
+        wrapper = decorator(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
@@ -164,6 +228,53 @@ def main(log_level: str) -> None:
     show_default=True,
     help="Publish every new version on Redis pub/sub.",
 )
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    envvar="PARAM_SERVER_TOKENS_FILE",
+    show_envvar=True,
+    help="Require bearer tokens: a TOML file of token hashes with roles "
+    "(see `param-server token create`). Without it, $PARAM_SERVER_TOKENS may "
+    "hold the same entries as JSON.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Serve TLS with this certificate (PEM).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The private key (PEM) of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Mutual TLS: accept only clients with a certificate from this CA (PEM).",
+)
+@click.option(
+    "--allow-unauthenticated",
+    is_flag=True,
+    help="Serve a non-loopback address without tokens (anyone who reaches it "
+    "may commit and roll back).",
+)
+@click.option(
+    "--max-streams",
+    default=24,
+    show_default=True,
+    help="Fetch and commit streams served at once; more are refused as busy "
+    "and clients retry.",
+)
+@click.option(
+    "--idle-timeout",
+    default=60.0,
+    show_default=True,
+    help="Cancel a stream that moves nothing for this many seconds.",
+)
 @_handle_errors
 def serve(
     store: Path,
@@ -173,23 +284,54 @@ def serve(
     port_file: Path | None,
     redis_url: str | None,
     announce: bool,
+    tokens_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    allow_unauthenticated: bool,
+    max_streams: int,
+    idle_timeout: float,
 ) -> None:
-    """Run the daemon until SIGTERM or Ctrl-C."""
+    """Run the daemon until SIGTERM or Ctrl-C.
+
+    On a loopback address it may run without tokens; anywhere else it needs
+    --tokens-file (or $PARAM_SERVER_TOKENS) and --tls-cert/--tls-key, or an
+    explicit --allow-unauthenticated.
+    """
     from param_server.redis_server import RedisMissingError
+    from param_server.security import TokenTable
     from param_server.service import ServerConfig
     from param_server.service import serve as run
 
+    tokens = (
+        TokenTable.load(tokens_file)
+        if tokens_file is not None
+        else TokenTable.from_env()
+    )
     try:
         config = ServerConfig(
             store=store,
             listen=listen,
-            max_workers=max_workers,
+            max_workers=max(max_workers, max_streams + 1),
+            max_streams=max_streams,
+            idle_timeout=idle_timeout,
             grace_seconds=grace,
             announce=announce,
             redis_url=redis_url,
+            tokens=tokens,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            allow_unauthenticated=allow_unauthenticated,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    if tokens is None and not config.local_only:
+        click.echo(
+            f"warning: serving {listen} without authentication; anyone who can "
+            "reach it may commit, roll back and collect garbage",
+            err=True,
+        )
 
     def ready(port: int) -> None:
         if port_file is not None:
@@ -208,6 +350,73 @@ def serve(
             err=True,
         )
         sys.exit(ExitCode.ADDRESS_IN_USE)
+
+
+@main.group()
+def token() -> None:
+    """Create and hash the bearer tokens a daemon accepts (--tokens-file)."""
+
+
+@token.command("create")
+@click.option("--name", required=True, help="Who holds it (shown in logs).")
+@click.option(
+    "--role",
+    type=click.Choice(["reader", "writer", "admin"]),
+    required=True,
+    help="reader: manifests and fetches; writer: + commits; admin: + rollback, "
+    "pins, gc.",
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="Limit it to this model (repeat for more; default: every model).",
+)
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="TOML file to add the token's hash to (created, mode 0600).",
+)
+@_handle_errors
+def token_create(
+    name: str, role: str, models: tuple[str, ...], tokens_file: Path
+) -> None:
+    """Make a token, add its hash to the tokens file, print it once.
+
+    The daemon reads the file at start; restart it to apply changes.
+    """
+    from param_server.names import check_model_name
+    from param_server.security import TokenTable, hash_token, new_token
+
+    for m in models:
+        check_model_name(m)
+    if tokens_file.exists() and name in TokenTable.load(tokens_file).names():
+        raise InvalidInputError(f"{tokens_file} already has a token named {name!r}")
+    tok = new_token()
+    entry = f'\n[[token]]\nname = {json.dumps(name)}\nrole = "{role}"\n'
+    entry += f'sha256 = "{hash_token(tok)}"\n'
+    if models:
+        entry += f"models = {json.dumps(list(models))}\n"
+    fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(entry)
+    click.echo(tok)
+    click.echo(
+        f"added {name!r} ({role}) to {tokens_file}; the token above is shown only now",
+        err=True,
+    )
+
+
+@token.command("hash")
+def token_hash() -> None:
+    """Print the SHA-256 of a token read from stdin (for a tokens file)."""
+    from param_server.security import hash_token
+
+    tok = sys.stdin.readline().strip()
+    if not tok:
+        raise click.UsageError("give the token on stdin")
+    click.echo(hash_token(tok))
 
 
 @main.command("import")
@@ -299,12 +508,19 @@ def export(
 @server_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_handle_errors
-def versions(model: str, store: Path, server: str | None, as_json: bool) -> None:
+@client_options
+def versions(
+    model: str,
+    store: Path,
+    server: str | None,
+    as_json: bool,
+    credentials: Credentials,
+) -> None:
     """List a model's live versions."""
     if server:
         from loaders.client import ParamClient
 
-        with ParamClient.from_url(server, streams=1) as c:
+        with ParamClient.from_url(server, credentials, streams=1) as c:
             rows = c.list_versions(model)
     else:
         from param_server.store import Store
@@ -333,15 +549,21 @@ def versions(model: str, store: Path, server: str | None, as_json: bool) -> None
 @server_option
 @click.option("--message", default="", help="Why (recorded in history).")
 @_handle_errors
+@client_options
 def rollback(
-    model: str, version: int, store: Path, server: str | None, message: str
+    model: str,
+    version: int,
+    store: Path,
+    server: str | None,
+    message: str,
+    credentials: Credentials,
 ) -> None:
     """Move a model's HEAD back to VERSION (recorded in history)."""
     author = os.environ.get("USER", "cli")
     if server:
         from loaders.client import ParamClient
 
-        with ParamClient.from_url(server, streams=1) as c:
+        with ParamClient.from_url(server, credentials, streams=1) as c:
             prev, head = c.rollback(model, version, author=author, message=message)
     else:
         from param_server.store import Store
@@ -359,12 +581,20 @@ def rollback(
 @server_option
 @click.option("--unpin", is_flag=True, help="Remove the pin instead.")
 @_handle_errors
-def pin(model: str, version: int, store: Path, server: str | None, unpin: bool) -> None:
+@client_options
+def pin(
+    model: str,
+    version: int,
+    store: Path,
+    server: str | None,
+    unpin: bool,
+    credentials: Credentials,
+) -> None:
     """Pin VERSION so garbage collection keeps it (or --unpin)."""
     if server:
         from loaders.client import ParamClient
 
-        with ParamClient.from_url(server, streams=1) as c:
+        with ParamClient.from_url(server, credentials, streams=1) as c:
             pins = c.set_pin(model, version, not unpin)
     else:
         from param_server.store import Store
@@ -384,12 +614,19 @@ def pin(model: str, version: int, store: Path, server: str | None, unpin: bool) 
 )
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
 @_handle_errors
-def gc(store: Path, server: str | None, keep_last: int, dry_run: bool) -> None:
+@client_options
+def gc(
+    store: Path,
+    server: str | None,
+    keep_last: int,
+    dry_run: bool,
+    credentials: Credentials,
+) -> None:
     """Drop old versions and delete blobs nothing retained references."""
     if server:
         from loaders.client import ParamClient
 
-        with ParamClient.from_url(server, streams=1) as c:
+        with ParamClient.from_url(server, credentials, streams=1) as c:
             g = c.collect_garbage(keep_last, dry_run)
     else:
         from param_server.store import Store
@@ -444,12 +681,14 @@ def fsck(store: Path) -> None:
     help="Print the table again every SECONDS until Ctrl-C.",
 )
 @_handle_errors
+@client_options
 def status(
     server: str,
     redis_url: str | None,
     model: str | None,
     as_json: bool,
     watch: float | None,
+    credentials: Credentials,
 ) -> None:
     """Show the fleet: which node serves which version, which lag or are gone.
 
@@ -463,7 +702,7 @@ def status(
     from loaders.client import ParamClient
     from param_server.announce import read_fleet, redis_client
 
-    with ParamClient.from_url(server, retries=1, timeout=5.0) as client:
+    with ParamClient.from_url(server, credentials, retries=1, timeout=5.0) as client:
         url = redis_url or client.announce_url()
         if url is None:
             raise InvalidInputError(
@@ -753,11 +992,25 @@ def fed_app(dest: Path, **kw: Any) -> None:
     help="Logs and Flower state of the deployment.",
 )
 @_handle_errors
-def federate(data_root: Path, engine: str, workdir: Path, **kw: Any) -> None:
+@client_options
+def federate(
+    data_root: Path, engine: str, workdir: Path, credentials: Credentials, **kw: Any
+) -> None:
     """Run federated rounds on this machine; each round commits a version."""
     from fed_clients.task import load_task
     from param_server.federation.config import FederationConfig
 
+    # The ServerApp (in this process, or under the SuperLink) reads them
+    # from the environment; see Credentials.from_env.
+    ctx = click.get_current_context()
+    for param, var in (
+        ("token", "PARAM_SERVER_TOKEN"),
+        ("ca_cert", "PARAM_SERVER_CA"),
+        ("client_cert", "PARAM_SERVER_CLIENT_CERT"),
+        ("client_key", "PARAM_SERVER_CLIENT_KEY"),
+    ):
+        if ctx.params.get(param):
+            os.environ[var] = str(ctx.params[param])
     run_config = _run_config(**kw)
     task = load_task(data_root)
 
@@ -789,7 +1042,7 @@ def federate(data_root: Path, engine: str, workdir: Path, **kw: Any) -> None:
     app = write_app(workdir / "app", run_config)
     institutions = {n: str(task.data_path(n)) for n in task.institutions}
     with (
-        ParamClient.from_url(kw["server"]) as client,
+        ParamClient.from_url(kw["server"], credentials) as client,
         LocalDeployment(workdir / "flower", institutions) as flower,
     ):
         client.wait_ready()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -56,11 +57,14 @@ def spawn_daemon(
     redis_url: str | None = None,
     announce: bool = True,
     port: int = 0,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> DaemonProcess:
     """Starts `param-server serve --listen 127.0.0.1:PORT` and waits until it serves.
 
     Versions are announced on `redis_url`, or on a private redis-server when
-    None (unless `announce` is off).
+    None (unless `announce` is off). `args` are more `serve` options
+    (--tokens-file, --tls-cert, ...); `env` replaces the environment.
 
     Raises:
         UnavailableError: it exited or did not start within `timeout` seconds.
@@ -85,7 +89,10 @@ def spawn_daemon(
         cmd.append("--no-announce")
     elif redis_url is not None:
         cmd += ["--redis", redis_url]
-    proc = subprocess.Popen(cmd, stderr=stderr, text=True)
+    cmd += list(args)
+    proc = subprocess.Popen(
+        cmd, stderr=stderr, text=True, env=dict(env) if env is not None else None
+    )
     try:
         deadline = time.monotonic() + timeout
         while not port_file.exists():

@@ -45,3 +45,15 @@ class StoreIOError(ParamServerError):
 
 class UnavailableError(ParamServerError, ConnectionError):
     """The server could not be reached, even after retries (UNAVAILABLE)."""
+
+
+class AuthenticationError(ParamServerError):
+    """No token, an unknown one, or one sent where it could leak (UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(ParamServerError):
+    """The token's role or models do not allow the call (PERMISSION_DENIED)."""
+
+
+class BusyError(UnavailableError):
+    """The server is at its limit of concurrent streams; retry later."""

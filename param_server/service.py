@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import inspect
 import json
 import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -24,16 +26,27 @@ from param_server.announce import Announcer, redact
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.errors import (
+    AuthenticationError,
+    BusyError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
     ParamServerError,
+    PermissionDeniedError,
     StaleParentError,
     StoreIOError,
     UnavailableError,
 )
 from param_server.names import check_model_name, check_shard_key
 from param_server.redis_server import EmbeddedRedis
+from param_server.security import (
+    Authorizer,
+    Principal,
+    Role,
+    TokenTable,
+    is_loopback_host,
+    read_pem,
+)
 from param_server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -49,7 +62,12 @@ _STATUS: tuple[tuple[type[ParamServerError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
+BUSY = "server busy"
+"""How the details of a refusal for lack of stream slots begin; clients retry it."""
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -77,8 +95,17 @@ class ServerConfig:
     """host:port to listen on; port 0 picks a free one."""
     max_workers: int = 32
     """Threads serving RPCs; each stream holds one while it runs."""
+    max_streams: int = 24
+    """Fetch and commit streams served at once (fewer than `max_workers`, so
+    short calls always find a thread); more are refused as busy and clients
+    retry with backoff, so memory stays bounded however many nodes connect."""
+    idle_timeout: float = 60.0
+    """A stream that moves no message for this many seconds (a stalled or
+    vanished client) is cancelled and its thread and buffers released."""
     max_commit_bytes: int = 256 * 1024**3
     """Largest total size of the blobs one commit may upload."""
+    max_commit_blobs: int = 100_000
+    """Most blobs (shards and files) one commit may upload."""
     grace_seconds: float = 10.0
     """How long SIGTERM waits for running RPCs before cancelling them."""
     announce: bool = True
@@ -86,23 +113,67 @@ class ServerConfig:
     redis_url: str | None = None
     """Redis to announce on; None starts a private redis-server on a free
     loopback port (when `announce` is on)."""
+    tokens: TokenTable | None = None
+    """Accepted bearer tokens and their roles; None serves without auth
+    (allowed on loopback, or elsewhere with `allow_unauthenticated`)."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) the server presents; with `tls_key` turns TLS on."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle; when set, clients must present a certificate it signed
+    (mutual TLS)."""
+    allow_unauthenticated: bool = False
+    """Serve a non-loopback address without tokens (anyone who can reach it
+    may read, commit and roll back)."""
 
     def __post_init__(self) -> None:
-        if self.max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
-        if self.max_commit_bytes < 1:
+        if self.max_workers < 2:
+            raise ValueError(f"max_workers must be >= 2, got {self.max_workers}")
+        if not 1 <= self.max_streams < self.max_workers:
             raise ValueError(
-                f"max_commit_bytes must be >= 1, got {self.max_commit_bytes}"
+                f"max_streams must be between 1 and max_workers - 1 "
+                f"({self.max_workers - 1}), got {self.max_streams}"
             )
+        if self.idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be > 0, got {self.idle_timeout}")
+        if self.max_commit_bytes < 1 or self.max_commit_blobs < 1:
+            raise ValueError("max_commit_bytes and max_commit_blobs must be >= 1")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(
                 f"listen address {self.listen!r} is not host:port "
                 "(e.g. 127.0.0.1:50051)"
             )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "a client CA (mutual TLS) needs the server's own certificate and key"
+            )
+        if not self.local_only:
+            if self.tokens is None and not self.allow_unauthenticated:
+                raise ValueError(
+                    f"listening on {self.listen} without tokens lets anyone who "
+                    "can reach it commit and roll back; give a tokens file "
+                    "(--tokens-file), listen on 127.0.0.1, or pass "
+                    "--allow-unauthenticated if that is really what you want"
+                )
+            if self.tokens is not None and self.tls_cert is None:
+                raise ValueError(
+                    f"listening on {self.listen} without TLS would send tokens "
+                    "in plaintext; give --tls-cert and --tls-key (or listen on "
+                    "127.0.0.1)"
+                )
+
+    @property
+    def local_only(self) -> bool:
+        """True when only this machine can reach the listening address."""
+        return is_loopback_host(self.listen.rpartition(":")[0])
 
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Field numbers of the `bytes data` fields in FetchChunk and CommitRequest.
 FETCH_DATA_FIELD = pb.FetchChunk.DESCRIPTOR.fields_by_name["data"].number
@@ -154,27 +225,112 @@ def _abort(context: grpc.ServicerContext, e: ParamServerError) -> None:
     context.abort(code, str(e))
 
 
-def _unary(fn: Callable[..., T]) -> Callable[..., T]:
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> T:
+Scope = str  # "model": request.model; "any": any model limit; "store": none
+
+
+def _rpc(role: Role | None, scope: Scope = "model") -> Callable[[F], F]:
+    """Maps our errors to status codes and, with auth on, checks the caller
+    may act as `role` (on request.model, or store-wide) before the body runs."""
+
+    def deco(fn: F) -> F:
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def stream(self: Any, request: Any, context: Any) -> Iterator[Any]:
+                try:
+                    self._authorize(context, role, request, scope)
+                    yield from fn(self, request, context)
+                except ParamServerError as e:
+                    _abort(context, e)
+
+            return stream  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def unary(self: Any, request: Any, context: Any) -> Any:
+            try:
+                self._authorize(context, role, request, scope)
+                return fn(self, request, context)
+            except ParamServerError as e:
+                _abort(context, e)
+                raise AssertionError("unreachable") from None
+
+        return unary  # type: ignore[return-value]
+
+    return deco
+
+
+class _StreamGuard:
+    """Bounds the streams served at once and cancels those that stall.
+
+    A stream takes a slot (or is refused as busy: clients retry with backoff)
+    and calls `touch()` on every message; a watcher thread cancels streams
+    idle for longer than `idle_timeout`, which frees the thread blocked on a
+    client that stopped reading or sending.
+    """
+
+    def __init__(self, max_streams: int, idle_timeout: float) -> None:
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[list[float], Any, str]] = {}
+        self._next_id = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.cancelled = 0
+
+    @contextlib.contextmanager
+    def stream(self, context: Any, what: str) -> Iterator[Callable[[], None]]:
+        last = [time.monotonic()]
+        with self._lock:
+            if len(self._active) >= self.max_streams:
+                raise BusyError(
+                    f"{BUSY}: {len(self._active)} streams running (limit "
+                    f"{self.max_streams}); retry with backoff"
+                )
+            sid = self._next_id
+            self._next_id += 1
+            self._active[sid] = (last, context, what)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, name="param-server-idle", daemon=True
+                )
+                self._thread.start()
+
+        def touch() -> None:
+            last[0] = time.monotonic()
+
         try:
-            return fn(self, request, context)
-        except ParamServerError as e:
-            _abort(context, e)
-            raise AssertionError("unreachable") from None
+            yield touch
+        finally:
+            with self._lock:
+                del self._active[sid]
 
-    return wrapper
+    @property
+    def active(self) -> int:
+        return len(self._active)
 
-
-def _streaming(fn: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
-    @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[T]:
-        try:
-            yield from fn(self, request, context)
-        except ParamServerError as e:
-            _abort(context, e)
-
-    return wrapper
+    def _watch(self) -> None:
+        period = min(1.0, self.idle_timeout / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                if not self._active:  # started again by the next stream
+                    self._thread = None
+                    return
+                stalled = [
+                    (ctx, what)
+                    for last, ctx, what in self._active.values()
+                    if now - last[0] > self.idle_timeout
+                ]
+            for ctx, what in stalled:
+                logger.warning(
+                    "%s from %s moved nothing for %.0fs; cancelling it",
+                    what,
+                    ctx.peer(),
+                    self.idle_timeout,
+                )
+                self.cancelled += 1
+                ctx.cancel()
 
 
 class ParamServerServicer(pb_grpc.ParamServerServicer):
@@ -186,24 +342,48 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         self.store = store
         self.config = config
         self.announcer = announcer
+        self.guard = _StreamGuard(config.max_streams, config.idle_timeout)
+        self.auth = (
+            Authorizer(config.tokens, plaintext=config.tls_cert is None)
+            if config.tokens is not None
+            else None
+        )
 
     def _announce(self) -> None:
         if self.announcer is not None:
             self.announcer.poke()
 
-    @_unary
+    def _authorize(
+        self, context: Any, role: Role | None, request: Any, scope: Scope
+    ) -> Principal | None:
+        if self.auth is None or role is None:
+            return None
+        md, peer = context.invocation_metadata(), context.peer()
+        if scope == "any":
+            p = self.auth.principal(md, peer)
+            if p.role < role:
+                self.auth.check(md, peer, role, None)  # raises with the reason
+            return p
+        model = request.model if scope == "model" else None
+        return self.auth.check(md, peer, role, model)
+
+    @_rpc(Role.READER, "any")
     def ListModels(
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.store.list_models())
+        models = self.store.list_models()
+        if self.auth is not None:
+            p = self.auth.principal(context.invocation_metadata(), context.peer())
+            models = [m for m in models if p.visible(m)]
+        return pb.ListModelsResponse(models=models)
 
-    @_unary
+    @_rpc(Role.READER)
     def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.Manifest:
         return self.store.get_manifest(
             request.model, request.version or None
         ).to_proto()
 
-    @_unary
+    @_rpc(Role.READER)
     def ListVersions(
         self, request: pb.ListVersionsRequest, context: Any
     ) -> pb.ListVersionsResponse:
@@ -214,7 +394,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             versions=[v.to_proto() for v in self.store.list_versions(request.model)],
         )
 
-    @_streaming
+    @_rpc(Role.READER)
     def FetchShards(
         self, request: pb.FetchShardsRequest, context: Any
     ) -> Iterator[bytes]:
@@ -236,36 +416,49 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
                     f"it has {sorted(m.files)}"
                 )
             wanted.append((name, f.digest, f.size, True))
-        for key, digest, size, is_file in wanted:
-            path = self.store.verify_blob(digest)  # never serve corrupt bytes
-            yield pb.FetchChunk(
-                header=pb.BlobHeader(
-                    key=key,
-                    digest=digest,
-                    size=size,
-                    is_file=is_file,
-                    version=m.version,
-                )
-            ).SerializeToString()
-            with open(path, "rb") as blob:
-                while chunk := blob.read(CHUNK_BYTES):
-                    yield frame_bytes_field(FETCH_DATA_FIELD, chunk)
+        with self.guard.stream(context, f"fetch of {m.model}@{m.version}") as touch:
+            for key, digest, size, is_file in wanted:
+                path = self.store.verify_blob(digest)  # never serve corrupt bytes
+                touch()
+                yield pb.FetchChunk(
+                    header=pb.BlobHeader(
+                        key=key,
+                        digest=digest,
+                        size=size,
+                        is_file=is_file,
+                        version=m.version,
+                    )
+                ).SerializeToString()
+                with open(path, "rb") as blob:
+                    while chunk := blob.read(CHUNK_BYTES):
+                        touch()
+                        yield frame_bytes_field(FETCH_DATA_FIELD, chunk)
 
     def Commit(
         self, request_iterator: Iterator[pb.CommitRequest], context: Any
     ) -> pb.CommitResponse:
         try:
-            return self._commit(request_iterator)
+            # The role is checked before a byte is read; the model limit
+            # once the header names the model.
+            self._authorize(context, Role.WRITER, None, "any")
+            with self.guard.stream(context, "commit") as touch:
+                return self._commit(request_iterator, context, touch)
         except ParamServerError as e:
             _abort(context, e)
             raise AssertionError("unreachable") from None
 
-    def _commit(self, requests: Iterator[pb.CommitRequest]) -> pb.CommitResponse:
+    def _commit(
+        self,
+        requests: Iterator[pb.CommitRequest],
+        context: Any,
+        touch: Callable[[], None],
+    ) -> pb.CommitResponse:
         first = next(requests, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidInputError("a commit stream must start with a CommitHeader")
         h = first.header
         check_model_name(h.model)
+        self._authorize(context, Role.WRITER, h, "model")
         try:
             metadata = json.loads(h.metadata_json) if h.metadata_json else {}
         except json.JSONDecodeError as e:
@@ -274,15 +467,22 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             raise InvalidInputError("metadata_json must be a JSON object")
         # Stale parents fail before the client spends time uploading.
         self.store.check_parent(h.model, h.parent_version)
-        total = 0
+        total = blobs = 0
         with self.store.staging() as staging:
             writer = None
             for req in requests:
+                touch()
                 kind = req.WhichOneof("payload")
                 if kind == "begin":
                     if writer is not None:
                         writer.finish()
                     b = req.begin
+                    blobs += 1
+                    if blobs > self.config.max_commit_blobs:
+                        raise InvalidInputError(
+                            f"commit uploads more than the server's limit of "
+                            f"{self.config.max_commit_blobs} blobs"
+                        )
                     total += b.size
                     if total > self.config.max_commit_bytes:
                         raise InvalidInputError(
@@ -322,7 +522,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             bytes_written=result.bytes_written,
         )
 
-    @_unary
+    @_rpc(Role.ADMIN)
     def Rollback(
         self, request: pb.RollbackRequest, context: Any
     ) -> pb.RollbackResponse:
@@ -335,13 +535,13 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         self._announce()
         return pb.RollbackResponse(previous_head=prev, head=head)
 
-    @_unary
+    @_rpc(Role.ADMIN)
     def SetPin(self, request: pb.SetPinRequest, context: Any) -> pb.SetPinResponse:
         return pb.SetPinResponse(
             pinned=self.store.set_pin(request.model, request.version, request.pinned)
         )
 
-    @_unary
+    @_rpc(Role.ADMIN, "store")
     def CollectGarbage(
         self, request: pb.CollectGarbageRequest, context: Any
     ) -> pb.CollectGarbageResponse:
@@ -352,7 +552,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             bytes_freed=r.bytes_freed,
         )
 
-    @_unary
+    @_rpc(Role.READER, "any")
     def GetStoreInfo(
         self, request: pb.GetStoreInfoRequest, context: Any
     ) -> pb.StoreInfo:
@@ -389,7 +589,16 @@ def create_server(
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Find dead peers (a vanished node, a cut cable) within a minute
+            # or so, and let clients keep idle connections alive by pinging.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ],
+        # Beyond this, calls are refused (RESOURCE_EXHAUSTED) instead of
+        # queueing without bound; streams have their own, lower limit.
+        maximum_concurrent_rpcs=config.max_workers * 4,
     )
     servicer = ParamServerServicer(store, config, announcer)
     pb_grpc.add_ParamServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -419,12 +628,32 @@ def create_server(
         server,
     )
     try:
-        port = server.add_insecure_port(config.listen)
+        credentials = server_credentials(config)
+        if credentials is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, credentials)
     except RuntimeError as e:
         raise OSError(errno.EADDRINUSE, f"cannot listen on {config.listen}: {e}") from e
     if port == 0:
         raise OSError(errno.EADDRINUSE, f"cannot listen on {config.listen}")
     return server, port, health_servicer
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files; None serves plaintext.
+
+    Raises:
+        InvalidInputError: a file is missing or not PEM.
+    """
+    if config.tls_cert is None:
+        return None
+    cert = read_pem(config.tls_cert, "TLS certificate")
+    key = read_pem(config.tls_key, "TLS key")
+    ca = read_pem(config.tls_client_ca, "client CA")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def serve(
@@ -487,7 +716,22 @@ def _serve(
 ) -> None:
     server.start()
     host = config.listen.rpartition(":")[0]
-    logger.info("param-server listening on %s:%d, store %s", host, port, config.store)
+    logger.info(
+        "param-server listening on %s:%d (%s, %s), store %s",
+        host,
+        port,
+        "mutual TLS"
+        if config.tls_client_ca
+        else ("TLS" if config.tls_cert else "plaintext"),
+        f"{len(config.tokens)} tokens" if config.tokens else "no auth",
+        config.store,
+    )
+    if config.tokens is None and not config.local_only:
+        logger.warning(
+            "serving %s WITHOUT AUTHENTICATION: anyone who can reach it may "
+            "commit, roll back and collect garbage",
+            config.listen,
+        )
     if on_ready is not None:
         on_ready(port)
     stopping = threading.Event()

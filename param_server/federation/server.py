@@ -37,6 +37,7 @@ from param_server.federation.aggregate import (
 from param_server.federation.config import FederationConfig
 from param_server.federation.strategies import SparseFedAvg, build_strategy
 from param_server.manifest import Manifest
+from param_server.security import Credentials
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +413,10 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FederationConfig.from_run_config(context.run_config)
-        with ParamClient.from_url(cfg.param_server) as client:
+        # Token and TLS files come from the environment (never the run
+        # config, which Flower stores and shows).
+        credentials = Credentials.from_env()
+        with ParamClient.from_url(cfg.param_server, credentials) as client:
             client.wait_ready()
             fed = Federation(cfg, client, run_id=context.run_id, on_round=on_round)
             logger.info(
