@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from param_server.errors import (
+    AuthenticationError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
     ParamServerError,
+    PermissionDeniedError,
     StaleParentError,
     StoreIOError,
     UnavailableError,
@@ -49,9 +51,13 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 8
     ADDRESS_IN_USE = 10
     REDIS_MISSING = 11
+    UNAUTHENTICATED = 12
+    PERMISSION_DENIED = 13
 
 
 _EXIT: tuple[tuple[type[BaseException], ExitCode], ...] = (
+    (AuthenticationError, ExitCode.UNAUTHENTICATED),
+    (PermissionDeniedError, ExitCode.PERMISSION_DENIED),
     (NotFoundError, ExitCode.NOT_FOUND),
     (InvalidInputError, ExitCode.INVALID_INPUT),
     (StaleParentError, ExitCode.STALE_PARENT),
