@@ -997,10 +997,44 @@ def fed_app(dest: Path, **kw: Any) -> None:
     show_default=True,
     help="Logs and Flower state of the deployment.",
 )
+@click.option(
+    "--flower-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Deployment: serve the SuperLink with TLS using this certificate (PEM, "
+    "for 'localhost'); needs --flower-key and --flower-ca.",
+)
+@click.option(
+    "--flower-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The private key (PEM) of --flower-cert.",
+)
+@click.option(
+    "--flower-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The CA (PEM) SuperNodes and flwr trust for the SuperLink.",
+)
+@click.option(
+    "--node-auth/--no-node-auth",
+    default=True,
+    show_default=True,
+    help="With TLS: admit only SuperNodes whose key was registered "
+    "(each institution gets a fresh key, registered before it starts).",
+)
 @_handle_errors
 @client_options
 def federate(
-    data_root: Path, engine: str, workdir: Path, credentials: Credentials, **kw: Any
+    data_root: Path,
+    engine: str,
+    workdir: Path,
+    credentials: Credentials,
+    flower_cert: Path | None,
+    flower_key: Path | None,
+    flower_ca: Path | None,
+    node_auth: bool,
+    **kw: Any,
 ) -> None:
     """Run federated rounds on this machine; each round commits a version."""
     from fed_clients.task import load_task
@@ -1015,8 +1049,9 @@ def federate(
         ("client_cert", "PARAM_SERVER_CLIENT_CERT"),
         ("client_key", "PARAM_SERVER_CLIENT_KEY"),
     ):
-        if ctx.params.get(param):
-            os.environ[var] = str(ctx.params[param])
+        value = ctx.params.get(param)
+        if value:
+            os.environ[var] = str(value.absolute() if param != "token" else value)
     run_config = _run_config(**kw)
     task = load_task(data_root)
 
@@ -1043,13 +1078,32 @@ def federate(
         )
         return
     from loaders.client import ParamClient
-    from param_server.federation.deploy import LocalDeployment, write_app
+    from param_server.federation.deploy import (
+        FlowerSecurity,
+        LocalDeployment,
+        write_app,
+    )
 
+    tls_files = (flower_cert, flower_key, flower_ca)
+    if any(tls_files) and not all(tls_files):
+        raise click.UsageError(
+            "Flower TLS needs --flower-cert, --flower-key and --flower-ca"
+        )
+    security = (
+        FlowerSecurity(
+            ca=flower_ca.absolute(),
+            cert=flower_cert.absolute(),
+            key=flower_key.absolute(),
+            node_auth=node_auth,
+        )
+        if flower_cert and flower_key and flower_ca
+        else None
+    )
     app = write_app(workdir / "app", run_config)
     institutions = {n: str(task.data_path(n)) for n in task.institutions}
     with (
         ParamClient.from_url(kw["server"], credentials) as client,
-        LocalDeployment(workdir / "flower", institutions) as flower,
+        LocalDeployment(workdir / "flower", institutions, security=security) as flower,
     ):
         client.wait_ready()
         before = client.head(kw["model"])

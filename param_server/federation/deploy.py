@@ -98,20 +98,73 @@ def _bin(name: str) -> str:
     return found
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlowerSecurity:
+    """TLS on the SuperLink and, optionally, Flower's key-based SuperNode
+    authentication (only SuperNodes whose public key was registered with
+    `flwr supernode register` may connect)."""
+
+    ca: Path
+    """PEM CA certificate SuperNodes and the flwr CLI trust."""
+    cert: Path
+    """PEM certificate of the SuperLink (for the address SuperNodes dial)."""
+    key: Path
+    """PEM private key of `cert`."""
+    node_auth: bool = True
+    """Start the SuperLink with --enable-supernode-auth."""
+
+
+def node_key(path: Path) -> Path:
+    """Writes a SuperNode key pair (OpenSSH ECDSA P-384, what Flower accepts):
+    the private key at `path` (mode 0600) and the public key at `path`.pub.
+    Returns the public key's path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+        )
+    pub = path.with_name(path.name + ".pub")
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return pub
+
+
 @dataclass
 class LocalDeployment:
-    """A SuperLink and SuperNodes started as child processes on loopback."""
+    """A SuperLink and SuperNodes started as child processes on loopback.
+
+    With `security`, the SuperLink serves TLS and (with node_auth) admits only
+    registered SuperNodes: each institution's SuperNode gets a fresh key pair
+    whose public key is registered before it starts.
+    """
 
     workdir: Path
     institutions: Mapping[str, str]
     """Institution name -> its data path."""
     superlink_port: int = 0
+    security: FlowerSecurity | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    """More environment for the SuperLink (and so the ServerApp), SuperNodes
+    and flwr: e.g. PARAM_SERVER_TOKEN and PARAM_SERVER_CA for the ServerApp's
+    connection to a secured param-server."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = dict(os.environ) | dict(self.extra_env)
         env["FLWR_HOME"] = str(self.workdir / "flwr-home")
         # The SuperLink and SuperNodes start Flower's other executables by name.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])
@@ -135,15 +188,28 @@ class LocalDeployment:
         home = self.workdir / "flwr-home"
         home.mkdir(exist_ok=True)
         self.superlink_port = self.superlink_port or free_port()
+        sec = self.security
+        transport = (
+            f"root-certificates = {json.dumps(str(sec.ca))}\n"
+            if sec
+            else "insecure = true\n"
+        )
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n'
+            f'address = "{self.address}"\n{transport}'
+        )
+        tls = (
+            ["--ssl-certfile", str(sec.cert), "--ssl-keyfile", str(sec.key)]
+            + ["--ssl-ca-certfile", str(sec.ca)]
+            + (["--enable-supernode-auth"] if sec.node_auth else [])
+            if sec
+            else ["--insecure"]
         )
         self._spawn(
             "superlink",
             [
                 _bin("flower-superlink"),
-                "--insecure",
+                *tls,
                 "--disable-runtime-dependency-installation",
                 "--host",
                 "127.0.0.1",
@@ -157,14 +223,59 @@ class LocalDeployment:
             self.add_supernode(name, data)
         return self
 
-    def add_supernode(self, institution: str, data_path: str) -> None:
+    @property
+    def address(self) -> str:
+        """Where SuperNodes and the flwr CLI reach the SuperLink (the name
+        its TLS certificate must carry)."""
+        host = "localhost" if self.security else "127.0.0.1"
+        return f"{host}:{self.superlink_port}"
+
+    def register(self, public_key: Path, timeout: float = 60) -> None:
+        """`flwr supernode register`: lets the SuperNode with this key in.
+
+        Raises:
+            FlowerRunError: the SuperLink refused or did not answer in time.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.flwr(
+                "supernode", "register", str(public_key), CONNECTION, "--format", "json"
+            )
+            try:
+                if json.loads(r.stdout).get("success"):
+                    return
+            except json.JSONDecodeError:
+                pass
+            if time.monotonic() > deadline:
+                raise FlowerRunError(
+                    f"could not register SuperNode key {public_key}: "
+                    f"{r.stdout.strip()} {r.stderr.strip()[-2000:]}"
+                )
+            time.sleep(0.5)  # the SuperLink may still be starting
+
+    def add_supernode(
+        self, institution: str, data_path: str, *, registered: bool = True
+    ) -> None:
+        """Starts a SuperNode for `institution`. Under node authentication it
+        gets a fresh key, registered first unless `registered` is False (a
+        stranger the SuperLink must refuse)."""
+        sec = self.security
+        auth: list[str] = ["--insecure"]
+        if sec is not None:
+            auth = ["--root-certificates", str(sec.ca)]
+            if sec.node_auth:
+                key = self.workdir / "keys" / institution
+                pub = node_key(key)
+                if registered:
+                    self.register(pub)
+                auth += ["--auth-supernode-private-key", str(key)]
         self._spawn(
             f"supernode-{institution}",
             [
                 _bin("flower-supernode"),
-                "--insecure",
+                *auth,
                 "--superlink",
-                f"127.0.0.1:{self.superlink_port}",
+                self.address,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -173,6 +284,16 @@ class LocalDeployment:
                 f"institution='{institution}' data-path='{data_path}'",
             ],
         )
+
+    def supernodes(self) -> list[dict[str, Any]]:
+        """`flwr supernode ls`: the SuperNodes the SuperLink knows, with status."""
+        r = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        try:
+            doc = json.loads(r.stdout)
+        except json.JSONDecodeError as e:
+            raise FlowerRunError(f"flwr supernode ls gave no JSON: {r.stderr}") from e
+        nodes: list[dict[str, Any]] = doc.get("nodes", [])
+        return nodes
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kills one of our processes (e.g. a SuperNode, to test a dying client)."""

@@ -23,12 +23,18 @@ from param_server.checkpoints import import_checkpoint
 from param_server.daemon import spawn_daemon
 from param_server.federation import protocol, wire
 from param_server.federation.config import FederationConfig
-from param_server.federation.deploy import LocalDeployment, write_app
-from param_server.federation.server import load_state
+from param_server.federation.deploy import (
+    FlowerSecurity,
+    LocalDeployment,
+    write_app,
+)
+from param_server.federation.server import AUTHOR, load_state
 from param_server.federation.simulation import run_simulation_rounds
+from param_server.security import Credentials, hash_token, new_token
 from param_server.service import ServerConfig, create_server
 from param_server.store import Store
 from tests.helpers import wait_until
+from tests.tls import make_pki
 
 pytestmark = pytest.mark.integration
 MODEL = "fed-moe"
@@ -377,3 +383,68 @@ def test_the_federated_model_learns_the_task(fed_store: tuple[Path, Task]) -> No
     loss0 = evaluate(build_model(start.config_json, start.tensors), held_out)
     loss1 = evaluate(build_model(end.config_json, end.tensors), held_out)
     assert loss1 < loss0 - 0.3, (loss0, loss1)
+
+
+def test_secured_deployment_tls_node_auth_and_a_token_refuse_a_stranger(
+    tmp_path: Path, fed_store: tuple[Path, Task]
+) -> None:
+    """Flower over TLS with key-based SuperNode auth, and the param-server over
+    TLS with tokens: two registered institutions run a round, committed with a
+    writer token; a SuperNode whose key was never registered is refused and
+    takes no part."""
+    store_path, task = fed_store
+    pki = make_pki(tmp_path)
+    tokens = tmp_path / "tokens.toml"
+    writer = new_token()
+    tokens.write_text(
+        f'[[token]]\nname = "federation"\nrole = "writer"\n'
+        f'sha256 = "{hash_token(writer)}"\nmodels = ["{MODEL}"]\n'
+    )
+    tls = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
+    daemon = spawn_daemon(
+        store_path, announce=False, args=["--tokens-file", str(tokens), *tls]
+    )
+    try:
+        target = f"localhost:{daemon.port}"
+        creds = Credentials.from_files(token=writer, ca=pki.ca)
+        with ParamClient(target, credentials=creds, same_host=False) as client:
+            v1 = client.head(MODEL)
+        app = write_app(
+            tmp_path / "app",
+            {
+                "model": MODEL,
+                "param-server": target,
+                "num-rounds": 1,
+                "min-clients": 2,
+                "min-available": 2,
+                "local-steps": 2,
+                "batch-size": 8,
+                "round-timeout": 120.0,
+            },
+        )
+        institutions = {n: str(task.data_path(n)) for n in FOUR[:2]}
+        security = FlowerSecurity(ca=pki.ca, cert=pki.cert, key=pki.key)
+        env = {"PARAM_SERVER_TOKEN": writer, "PARAM_SERVER_CA": str(pki.ca)}
+        with LocalDeployment(
+            tmp_path / "flower", institutions, security=security, extra_env=env
+        ) as flower:
+            flower.add_supernode(
+                FOUR[2], str(task.data_path(FOUR[2])), registered=False
+            )
+            stranger = flower.procs[f"supernode-{FOUR[2]}"]
+            assert stranger.wait(120) != 0
+            log = (tmp_path / "flower" / f"supernode-{FOUR[2]}.log").read_text()
+            assert "Failed to activate SuperNode" in log
+            superlink_log = (tmp_path / "flower" / "superlink.log").read_text()
+            assert "No SuperNode found with the given public key" in superlink_log
+            run = flower.wait_for_run(flower.submit(app), timeout=400)
+            assert run["status"] == "finished:completed"
+            online = [n for n in flower.supernodes() if n.get("status") == "online"]
+            assert len(online) == 2
+        with ParamClient(target, credentials=creds, same_host=False) as client:
+            m = client.get_manifest(MODEL)
+        fed = m.metadata["federation"]
+        assert m.version == v1 + 1 and m.author == AUTHOR
+        assert sorted(c["institution"] for c in fed["contributors"]) == list(FOUR[:2])
+    finally:
+        daemon.stop()
