@@ -666,6 +666,9 @@ def serve(
             is not installed.
         OSError: the address cannot be bound.
     """
+    # Past a file-size limit (ulimit -f) a write must fail with EFBIG, which
+    # the store reports as a clear error, instead of killing the daemon.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     embedded: EmbeddedRedis | None = None
     announcer: Announcer | None = None
     url = config.redis_url
