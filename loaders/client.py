@@ -104,6 +104,8 @@ class FetchStats:
     digest_failures: int = 0
     blobs_from_disk: int = 0
     bytes_from_disk: int = 0
+    busy_waits: int = 0
+    """Calls the server refused as busy (at its stream limit) and retried."""
 
 
 class ParamClient:
@@ -278,6 +280,8 @@ class ParamClient:
                 if _is_busy(e) and time.monotonic() < busy_until:
                     # Refused before any work: wait for a slot however long
                     # the fleet takes, within BUSY_PATIENCE.
+                    with self._stats_lock:
+                        self.stats.busy_waits += 1
                     time.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue

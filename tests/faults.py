@@ -428,7 +428,7 @@ def _fetch_round(
             except ParamServerError as e:
                 errors.append(str(e))
             with lock:
-                counts["busy"] += c.stats.retries
+                counts["busy"] += c.stats.busy_waits
 
     def committer() -> None:
         r = random.Random(n)
