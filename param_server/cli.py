@@ -121,6 +121,18 @@ server_option = click.option(
 )
 
 
+def pem_option(name: str, help: str, envvar: str | None = None) -> Callable[[F], F]:
+    """An option naming an existing PEM file (certificate or key)."""
+    return click.option(
+        name,
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None,
+        envvar=envvar,
+        show_envvar=envvar is not None,
+        help=help,
+    )
+
+
 def client_options(fn: F) -> F:
     """--token and TLS options for commands that talk to a daemon; the
     command receives them as one `credentials` argument."""
@@ -141,7 +153,6 @@ def client_options(fn: F) -> F:
         )
         return fn(*args, **kwargs)
 
-    path = click.Path(dir_okay=False, exists=True, path_type=Path)
     for decorator in reversed(
         [
             click.option(
@@ -151,30 +162,21 @@ def client_options(fn: F) -> F:
                 show_envvar=True,
                 help="Bearer token for a daemon that requires one.",
             ),
-            click.option(
+            pem_option(
                 "--ca-cert",
-                type=path,
-                default=None,
-                envvar="PARAM_SERVER_CA",
-                show_envvar=True,
-                help="Connect with TLS, trusting this CA (PEM) for the server's "
+                "Connect with TLS, trusting this CA (PEM) for the server's "
                 "certificate (grpcs://HOST:PORT uses the system's CAs).",
+                envvar="PARAM_SERVER_CA",
             ),
-            click.option(
+            pem_option(
                 "--client-cert",
-                type=path,
-                default=None,
+                "This client's certificate (PEM) for mutual TLS.",
                 envvar="PARAM_SERVER_CLIENT_CERT",
-                show_envvar=True,
-                help="This client's certificate (PEM) for mutual TLS.",
             ),
-            click.option(
+            pem_option(
                 "--client-key",
-                type=path,
-                default=None,
+                "The key (PEM) of --client-cert.",
                 envvar="PARAM_SERVER_CLIENT_KEY",
-                show_envvar=True,
-                help="The key (PEM) of --client-cert.",
             ),
         ]
     ):
@@ -244,23 +246,17 @@ def main(log_level: str) -> None:
     "(see `param-server token create`). Without it, $PARAM_SERVER_TOKENS may "
     "hold the same entries as JSON.",
 )
-@click.option(
+@pem_option(
     "--tls-cert",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="Serve TLS with this certificate (PEM).",
+    "Serve TLS with this certificate (PEM).",
 )
-@click.option(
+@pem_option(
     "--tls-key",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="The private key (PEM) of --tls-cert.",
+    "The private key (PEM) of --tls-cert.",
 )
-@click.option(
+@pem_option(
     "--tls-client-ca",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="Mutual TLS: accept only clients with a certificate from this CA (PEM).",
+    "Mutual TLS: accept only clients with a certificate from this CA (PEM).",
 )
 @click.option(
     "--allow-unauthenticated",
@@ -997,24 +993,18 @@ def fed_app(dest: Path, **kw: Any) -> None:
     show_default=True,
     help="Logs and Flower state of the deployment.",
 )
-@click.option(
+@pem_option(
     "--flower-cert",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="Deployment: serve the SuperLink with TLS using this certificate (PEM, "
+    "Deployment: serve the SuperLink with TLS using this certificate (PEM, "
     "for 'localhost'); needs --flower-key and --flower-ca.",
 )
-@click.option(
+@pem_option(
     "--flower-key",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="The private key (PEM) of --flower-cert.",
+    "The private key (PEM) of --flower-cert.",
 )
-@click.option(
+@pem_option(
     "--flower-ca",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="The CA (PEM) SuperNodes and flwr trust for the SuperLink.",
+    "The CA (PEM) SuperNodes and flwr trust for the SuperLink.",
 )
 @click.option(
     "--node-auth/--no-node-auth",
