@@ -37,29 +37,14 @@ def test_a_file_size_limit_fails_the_commit_clearly_and_the_daemon_goes_on(
     assert r["fsck"] == [] and r["staging_left"] == []
 
 
-def test_soak_with_redis_and_daemon_restarts_loses_nothing(
-    tmp_path: Path, checkpoints: dict[str, Checkpoint]
-) -> None:
-    r = faults.soak(
-        tmp_path,
-        checkpoints["mixtral-float32"].path,
-        commits=60,
-        nodes=2,
-        redis_restarts=1,
-        daemon_restarts=1,
-    )
-    assert r.lost_acknowledged == [] and r.nodes_on_final == 2
-    assert r.logits_match and r.node_errors == 0
-    assert sorted(f for f, _ in r.faults) == ["daemon", "redis"]
-
-
-@pytest.mark.slow
-def test_soak_500_commits_4_nodes(
+def test_soak_500_commits_4_nodes_redis_restarted_3_times_daemon_once(
     tmp_path: Path, checkpoints: dict[str, Checkpoint]
 ) -> None:
     r = faults.soak(tmp_path, checkpoints["mixtral-float32"].path)
-    assert r.lost_acknowledged == [] and r.nodes_on_final == 4
-    assert r.logits_match and len(r.faults) == 4
+    assert r.commits == 500 and r.lost_acknowledged == []
+    assert r.nodes_on_final == 4 and r.node_errors == 0
+    assert r.logits_match  # every node serves exactly the final version
+    assert sorted(f for f, _ in r.faults) == ["daemon", "redis", "redis", "redis"]
 
 
 def test_many_concurrent_fetch_streams_while_commits_land(tmp_path: Path) -> None:
