@@ -279,7 +279,7 @@ class _StreamGuard:
         self.cancelled = 0
 
     @contextlib.contextmanager
-    def stream(self, context: Any, what: str) -> Iterator[Callable[[], None]]:
+    def stream(self, context: Any, what: str) -> Iterator[Callable[..., None]]:
         last = [time.monotonic()]
         with self._lock:
             if len(self._active) >= self.max_streams:
@@ -296,8 +296,10 @@ class _StreamGuard:
                 )
                 self._thread.start()
 
-        def touch() -> None:
-            last[0] = time.monotonic()
+        def touch(*, done: bool = False) -> None:
+            # done: the client has said all it will; what is left is ours
+            # (e.g. making a commit durable) and must not count as idle.
+            last[0] = float("inf") if done else time.monotonic()
 
         try:
             yield touch
@@ -324,7 +326,7 @@ class _StreamGuard:
                 ]
             for ctx, what in stalled:
                 logger.warning(
-                    "%s from %s moved nothing for %.0fs; cancelling it",
+                    "%s from %s moved nothing for %gs; cancelling it",
                     what,
                     ctx.peer(),
                     self.idle_timeout,
@@ -451,7 +453,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         self,
         requests: Iterator[pb.CommitRequest],
         context: Any,
-        touch: Callable[[], None],
+        touch: Callable[..., None],
     ) -> pb.CommitResponse:
         first = next(requests, None)
         if first is None or first.WhichOneof("payload") != "header":
@@ -503,6 +505,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
                     raise InvalidInputError(
                         f"unexpected {kind or 'empty'} message in a commit"
                     )
+            touch(done=True)
             if writer is not None:
                 writer.finish()
             result = self.store.commit(

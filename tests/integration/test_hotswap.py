@@ -470,6 +470,44 @@ def test_redis_with_a_password(
             daemon.stop()
 
 
+def test_redis_acl_users_for_the_daemon_and_the_nodes(
+    tmp_path: Path, checkpoints: dict[str, Checkpoint]
+) -> None:
+    """The daemon announces as one ACL user, nodes subscribe as another that
+    may not run admin commands; a wrong user is refused without leaking."""
+    root = tmp_path / "store"
+    import_checkpoint(Store(root), checkpoints["mixtral-float32"].path, MODEL)
+    with EmbeddedRedis(supervise=False, password="admin-pw").start() as red:
+        admin = redis_client(red.url)
+        admin.execute_command(
+            "ACL", "SETUSER", "announcer", "on", ">ann-pw", "~*", "&*", "+@all"
+        )
+        admin.execute_command(
+            "ACL", "SETUSER", "fleet", "on", ">fleet-pw", "~*", "&*",
+            "+@all", "-@admin", "-@dangerous",
+        )  # fmt: skip
+        base = f"127.0.0.1:{red.port}/0"
+        daemon = spawn_daemon(root, redis_url=f"redis://announcer:ann-pw@{base}")
+        c = ParamClient(daemon.target, same_host=False, retries=1)
+        try:
+            fleet = redis_client(f"redis://fleet:fleet-pw@{base}")
+            with pytest.raises(redis.ResponseError, match="permission"):
+                fleet.execute_command("CONFIG", "GET", "dir")
+            lm = load_lazy_model(c, MODEL, budget_bytes=10**9)
+            errors: list[BaseException] = []
+            bad = HotSwapper(
+                lm, redis_url=f"redis://fleet:nope@{base}", on_error=errors.append
+            ).start()
+            wait_until(lambda: bool(errors), 10, "the refusal")
+            assert "nope" not in str(errors[0])
+            bad.stop()
+            assert_swaps_over(f"redis://fleet:fleet-pw@{base}", c, lm)
+            lm.close()
+        finally:
+            c.close()
+            daemon.stop()
+
+
 def test_redis_over_tls(tmp_path: Path, checkpoints: dict[str, Checkpoint]) -> None:
     root = tmp_path / "store"
     import_checkpoint(Store(root), checkpoints["mixtral-float32"].path, MODEL)

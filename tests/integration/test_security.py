@@ -438,3 +438,27 @@ def test_checkpoint_import_then_tls_fetch_is_bit_exact(
         for key, buf in got.items():
             stored = srv.store.blob_path(m.shards[key].digest).read_bytes()
             assert bytes(buf) == stored
+
+
+def test_a_slow_durable_commit_is_not_taken_for_an_idle_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the client has sent everything, the server's own work (fsyncs of
+    a large commit) does not count as idleness."""
+    real = Store.commit
+
+    def slow_commit(self: Store, *a: object, **kw: object):  # type: ignore[no-untyped-def]
+        time.sleep(2.5)
+        return real(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "commit", slow_commit)
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "store", listen="127.0.0.1:0", idle_timeout=0.5)
+    )
+    srv.start()
+    try:
+        with ParamClient(f"127.0.0.1:{port}", same_host=False) as c:
+            r = c.commit("m", 0, shard(5))
+            assert r.manifest.version == 1 and c.head("m") == 1
+    finally:
+        srv.stop(0).wait()

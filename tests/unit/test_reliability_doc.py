@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_every_catalogue_row_names_a_test_that_exists() -> None:
     doc = (ROOT / "RELIABILITY.md").read_text()
+    doc = doc.split("## Bad-input catalogue", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in doc.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) >= 30
     for row in rows:
