@@ -386,7 +386,8 @@ def token_create(
 ) -> None:
     """Make a token, add its hash to the tokens file, print it once.
 
-    The daemon reads the file at start; restart it to apply changes.
+    A running daemon picks changes up on SIGHUP (`kill -HUP PID`); to
+    revoke a token, delete its entry and send SIGHUP.
     """
     from param_server.names import check_model_name
     from param_server.security import TokenTable, hash_token, new_token

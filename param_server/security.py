@@ -106,7 +106,14 @@ class _Entry:
 class TokenTable:
     """The tokens a daemon accepts, kept as digests."""
 
-    def __init__(self, entries: Iterable[Mapping[str, Any]], source: str) -> None:
+    def __init__(
+        self,
+        entries: Iterable[Mapping[str, Any]],
+        source: str,
+        path: Path | None = None,
+    ) -> None:
+        self.path = path
+        """The file it was read from (what `reload` reads again)."""
         self._entries: list[_Entry] = []
         names: set[str] = set()
         for i, raw in enumerate(entries):
@@ -168,7 +175,19 @@ class TokenTable:
             data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as e:
             raise InvalidInputError(f"tokens file {path} does not parse: {e}") from e
-        return cls(_token_list(data, str(path)), str(path))
+        return cls(_token_list(data, str(path)), str(path), path)
+
+    def reload(self) -> None:
+        """Reads the file again and swaps the new tokens in at once (revoked
+        ones stop working on the next call).
+
+        Raises:
+            InvalidInputError: no file, or the new file is bad; the tokens in
+                use are kept.
+        """
+        if self.path is None:
+            raise InvalidInputError("these tokens came from no file; cannot reload")
+        self._entries = TokenTable.load(self.path)._entries
 
     @classmethod
     def from_env(cls, var: str = "PARAM_SERVER_TOKENS") -> TokenTable | None:

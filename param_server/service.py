@@ -751,6 +751,17 @@ def _serve(
         stopping.set()
 
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    tokens = config.tokens
+    if tokens is not None and tokens.path is not None:
+
+        def _reload(signum: int, frame: object) -> None:
+            try:
+                tokens.reload()
+                logger.info("reloaded %d tokens from %s", len(tokens), tokens.path)
+            except InvalidInputError as e:
+                logger.error("kept the tokens in use; the new file is bad: %s", e)
+
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _reload)
     try:
         while not stopping.wait(0.5):
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -462,3 +463,44 @@ def test_a_slow_durable_commit_is_not_taken_for_an_idle_client(
             assert r.manifest.version == 1 and c.head("m") == 1
     finally:
         srv.stop(0).wait()
+
+
+def test_tokens_are_revoked_and_added_on_sighup(tmp_path: Path) -> None:
+    old, new = new_token(), new_token()
+
+    def entry(name: str, tok: str) -> str:
+        digest = hash_token(tok)
+        return f'[[token]]\nname = "{name}"\nrole = "reader"\nsha256 = "{digest}"\n'
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(entry("old", old))
+    Store(tmp_path / "store")
+    log = tmp_path / "daemon.log"
+    with (
+        log.open("w") as err,
+        spawn_daemon(
+            tmp_path / "store",
+            announce=False,
+            log_level="info",
+            stderr=err,
+            args=["--tokens-file", str(tokens)],
+        ) as d,
+    ):
+
+        def works(tok: str) -> bool:
+            with ParamClient(d.target, credentials=Credentials(token=tok)) as c:
+                try:
+                    c.list_models()
+                    return True
+                except AuthenticationError:
+                    return False
+
+        assert works(old) and not works(new)
+        tokens.write_text(entry("new", new))  # "old" revoked
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: not works(old), 10, "the old token to be refused")
+        assert works(new)
+        tokens.write_text('[[token]]\nname = "x"\ntoken = "plain"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "kept the tokens in use" in log.read_text(), 10, "the log")
+        assert works(new) and d.proc.poll() is None
