@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 TOKEN_PREFIX = "pst_"
 AUTH_HEADER = "authorization"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+ANY_MODEL = "*"
+"""For calls about no model in particular (listing, store info): any token of
+the role will do, whatever models it is limited to. Not a valid model name."""
 # Longest Authorization value we look at; longer ones are refused unhashed.
 _MAX_TOKEN_CHARS = 512
 
@@ -78,10 +81,13 @@ class Principal:
     """The models it is limited to; None means every model."""
 
     def allows(self, role: Role, model: str | None = None) -> bool:
+        """May it act as `role` on `model` (None: the whole store, which needs
+        an unlimited token; ANY_MODEL: no model in particular)?"""
         if self.role < role:
             return False
-        # Store-wide operations (model None) need an unlimited token.
-        return self.models is None or (model is not None and model in self.models)
+        if model == ANY_MODEL or self.models is None:
+            return True
+        return model is not None and model in self.models
 
     def visible(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -281,14 +287,18 @@ class Authorizer:
         """
         p = self.principal(metadata, peer)
         if not p.allows(role, model):
-            what = f"model {model!r}" if model else "the whole store"
+            what = (
+                "this server"
+                if model == ANY_MODEL
+                else (f"model {model!r}" if model else "the whole store")
+            )
             need = role.name.lower()
             logger.warning("denied %s (%s) %s on %s", p.name, p.role.name, need, what)
             raise PermissionDeniedError(
                 f"token {p.name!r} ({p.role.name.lower()}"
                 + (f", limited to {sorted(p.models)}" if p.models else "")
                 + f") may not do this on {what}: it needs the {need} role"
-                + ("" if model or p.models is None else " without a model limit")
+                + (" without a model limit" if model is None and p.models else "")
             )
         return p
 

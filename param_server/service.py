@@ -40,6 +40,7 @@ from param_server.errors import (
 from param_server.names import check_model_name, check_shard_key
 from param_server.redis_server import EmbeddedRedis
 from param_server.security import (
+    ANY_MODEL,
     Authorizer,
     Principal,
     Role,
@@ -225,7 +226,7 @@ def _abort(context: grpc.ServicerContext, e: ParamServerError) -> None:
     context.abort(code, str(e))
 
 
-Scope = str  # "model": request.model; "any": any model limit; "store": none
+Scope = str  # "model": request.model; "any": no model in particular; "store"
 
 
 def _rpc(role: Role | None, scope: Scope = "model") -> Callable[[F], F]:
@@ -275,8 +276,6 @@ class _StreamGuard:
         self._active: dict[int, tuple[list[float], Any, str]] = {}
         self._next_id = 0
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.cancelled = 0
 
     @contextlib.contextmanager
     def stream(self, context: Any, what: str) -> Iterator[Callable[..., None]]:
@@ -307,13 +306,10 @@ class _StreamGuard:
             with self._lock:
                 del self._active[sid]
 
-    @property
-    def active(self) -> int:
-        return len(self._active)
-
     def _watch(self) -> None:
         period = min(1.0, self.idle_timeout / 4)
-        while not self._stop.wait(period):
+        while True:
+            time.sleep(period)
             now = time.monotonic()
             with self._lock:
                 if not self._active:  # started again by the next stream
@@ -331,7 +327,6 @@ class _StreamGuard:
                     ctx.peer(),
                     self.idle_timeout,
                 )
-                self.cancelled += 1
                 ctx.cancel()
 
 
@@ -360,14 +355,10 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
     ) -> Principal | None:
         if self.auth is None or role is None:
             return None
-        md, peer = context.invocation_metadata(), context.peer()
-        if scope == "any":
-            p = self.auth.principal(md, peer)
-            if p.role < role:
-                self.auth.check(md, peer, role, None)  # raises with the reason
-            return p
-        model = request.model if scope == "model" else None
-        return self.auth.check(md, peer, role, model)
+        model = {"model": getattr(request, "model", None), "any": ANY_MODEL}
+        return self.auth.check(
+            context.invocation_metadata(), context.peer(), role, model.get(scope)
+        )
 
     @_rpc(Role.READER, "any")
     def ListModels(

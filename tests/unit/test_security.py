@@ -13,6 +13,7 @@ from param_server.errors import (
     PermissionDeniedError,
 )
 from param_server.security import (
+    ANY_MODEL,
     Authorizer,
     Credentials,
     Role,
@@ -119,6 +120,10 @@ def test_roles_include_lower_ones_and_model_limits_apply() -> None:
         auth.check(md(lim), LOCAL, Role.READER, "m2")
     with pytest.raises(PermissionDeniedError, match="without a model limit"):
         auth.check(md(lim), LOCAL, Role.ADMIN, None)
+    # Calls about no model in particular need only the role.
+    assert auth.check(md(lim), LOCAL, Role.ADMIN, ANY_MODEL).name == "lim"
+    with pytest.raises(PermissionDeniedError, match="this server"):
+        auth.check(md(r), LOCAL, Role.WRITER, ANY_MODEL)
 
 
 @pytest.mark.parametrize(
