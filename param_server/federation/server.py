@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,54 @@ def load_state(client: ParamClient, model: str, dense: bool) -> ModelState:
     )
 
 
+def pair_replies(
+    sent: Sequence[Message], replies: Sequence[Message], round_timeout: float
+) -> tuple[list[Message], list[Rejection]]:
+    """Pairs each reply with the instruction it answers, by message id.
+
+    A sampled node gets exactly one outcome: its reply, or one rejection when
+    it sent none in time or Flower answered in its place (the SuperLink's
+    "node unavailable" once a dead SuperNode misses its heartbeats, or a
+    reply whose payload was lost). Those stand-in errors come from the
+    SuperLink's own node id, so they are charged to the node the instruction
+    went to. Replies to nothing we sent, and second replies, are dropped.
+
+    Returns:
+        The replies to parse (a ClientApp's own error among them: parsing
+        rejects it with its reason) and the rejections of the silent nodes.
+    """
+    by_id = {m.metadata.message_id: m for m in sent}
+    kept: list[Message] = []
+    answered: dict[int, str] = {}  # node -> why it has no update, or ""
+    for msg in replies:
+        ins = by_id.get(msg.metadata.reply_to_message_id)
+        if ins is None:
+            logger.warning(
+                "dropped a reply from node %d to a message this round did not send",
+                msg.metadata.src_node_id,
+            )
+            continue
+        node = ins.metadata.dst_node_id
+        if node in answered:
+            logger.warning("dropped a second reply for node %d", node)
+            continue
+        if msg.metadata.src_node_id != node:
+            # Not from the node: Flower's stand-in for a reply that never came.
+            reason = msg.error.reason if msg.has_error() else "no content"
+            code = msg.error.code if msg.has_error() else "-"
+            answered[node] = f"no reply (Flower error {code}: {reason})"
+            continue
+        answered[node] = ""
+        kept.append(msg)
+    rejected = []
+    for ins in sent:
+        node = ins.metadata.dst_node_id
+        reason = answered.get(node, f"no reply within {round_timeout:g}s")
+        if reason:
+            rejected.append(Rejection(node, f"node-{node}", reason))
+    return kept, rejected
+
+
 class Federation:
     """Runs rounds of one model against a param-server and a Flower grid."""
 
@@ -188,19 +236,13 @@ class Federation:
         t_send = time.monotonic()
         replies = list(grid.send_and_receive(messages, timeout=c.round_timeout))
         wait_s = time.monotonic() - t_send
-        answered = {m.metadata.src_node_id for m in replies}
+        replies, rejected = pair_replies(messages, replies, c.round_timeout)
+        for r in rejected:
+            logger.warning(
+                "round %d: no update from %s: %s", rnd, r.institution, r.reason
+            )
         valid_msgs: list[Message] = []
         updates: list[ClientUpdate] = []
-        rejected: list[Rejection] = []
-        for m in messages:
-            if m.metadata.dst_node_id not in answered:
-                rejected.append(
-                    Rejection(
-                        m.metadata.dst_node_id,
-                        f"node-{m.metadata.dst_node_id}",
-                        f"no reply within {c.round_timeout:g}s",
-                    )
-                )
         for msg in replies:
             try:
                 u = parse_reply(

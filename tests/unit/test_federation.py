@@ -13,6 +13,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MessageType,
     Metadata,
@@ -20,6 +21,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message.message import make_message
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from fed_clients.task import TaskError, load_split, load_task, make_task
 from fed_clients.train import _from_checkpoint_layout, _to_checkpoint_layout
@@ -36,6 +38,7 @@ from param_server.federation.aggregate import (
     sparse_average,
 )
 from param_server.federation.config import FederationConfig
+from param_server.federation.server import pair_replies
 from param_server.federation.strategies import build_strategy
 
 # --- wire format -------------------------------------------------------------
@@ -307,6 +310,60 @@ def test_a_corrupt_payload_is_rejected_not_raised() -> None:
     cut = Array(dtype="F32", shape=(3,), stype=wire.RAW_STYPE, data=good.data[:5])
     with pytest.raises(UpdateRejectedError, match="truncated"):
         _parse(_reply({"e0.w": cut}))
+
+
+def _ins(node: int) -> Message:
+    md = Metadata(7, f"ins-{node}", 1, node, "", "", 0.0, 60.0, MessageType.TRAIN)
+    return make_message(md, RecordDict())
+
+
+def _answer(
+    ins: Message, src: int | None = None, error: Error | None = None
+) -> Message:
+    node = ins.metadata.dst_node_id
+    src = node if src is None else src
+    md = Metadata(
+        7,
+        f"re-{node}",
+        src,
+        1,
+        ins.metadata.message_id,
+        "",
+        0.0,
+        60.0,
+        MessageType.TRAIN,
+    )
+    if error is not None:
+        return make_message(md, error=error)
+    return make_message(md, RecordDict())
+
+
+def test_each_sampled_node_gets_one_outcome_whoever_answered_for_it() -> None:
+    """A dead SuperNode's stand-in error comes from the SuperLink's node id: it is
+    charged to the dead node, once, and not counted again as a silent one."""
+    sent = [_ins(n) for n in (11, 12, 13, 14, 15)]
+    gone = Error(ErrorCode.NODE_UNAVAILABLE, "node missed its heartbeats")
+    crashed = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom")
+    stray = _answer(_ins(99))
+    replies = [
+        _answer(sent[0]),
+        _answer(sent[0]),  # a second reply for the same node
+        _answer(sent[1], src=SUPERLINK_NODE_ID, error=gone),
+        _answer(sent[2], error=crashed),  # the ClientApp's own error
+        stray,  # answers nothing this round sent
+        _answer(sent[4]),
+    ]
+    kept, rejected = pair_replies(sent, replies, 30.0)
+    assert [m.metadata.src_node_id for m in kept] == [11, 13, 15]
+    assert [(r.node_id, r.institution) for r in rejected] == [
+        (12, "node-12"),
+        (14, "node-14"),
+    ]
+    assert "missed its heartbeats" in rejected[0].reason
+    assert rejected[1].reason == "no reply within 30s"
+    # The ClientApp's error is kept for parsing, which rejects it with its reason.
+    with pytest.raises(UpdateRejectedError, match="boom"):
+        _parse(kept[1])
 
 
 # --- config and strategies ----------------------------------------------------------
