@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,9 +35,42 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST = 10_000  # below: the well-known and most registered service ports
+
+
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out as source ports of outgoing connections."""
+    try:
+        lo, hi = (int(x) for x in _EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999  # Linux's default
+    return range(lo, hi + 1)
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the kernel's
+    ephemeral range when there is room.
+
+    A server that is restarted on the same port (a supervised Redis, a daemon
+    that comes back where its clients look) must not sit in that range: while
+    it is down, any outgoing connection may be given its port as a source
+    port, and a client retrying against it may even connect to itself (TCP
+    simultaneous open), so the restart finds the port taken.
+    """
+    rng = rng or random.SystemRandom()
+    eph = _ephemeral_ports()
+    spans = [r for r in (range(_LOWEST, eph.start), range(eph.stop, 65536)) if r]
+    for _ in range(64 if spans else 0):
+        span = rng.choices(spans, weights=[len(r) for r in spans])[0]
+        port = rng.choice(span)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): try another
+            return port
+    with socket.socket() as s:  # no room outside it: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -109,8 +143,9 @@ class EmbeddedRedis:
                 break
             if attempt == tries - 1:
                 raise UnavailableError(
-                    f"redis-server did not start on 127.0.0.1:{port}; see its log "
-                    f"in {self._dir / 'redis.log'}"
+                    f"redis-server did not start on 127.0.0.1:{port}"
+                    f"{self._log_tail()}; see its log in "
+                    f"{self._dir / 'redis.log'}"
                 )
         if self.supervise and self._watch is None:
             self._watch = threading.Thread(
@@ -118,6 +153,15 @@ class EmbeddedRedis:
             )
             self._watch.start()
         return self
+
+    def _log_tail(self) -> str:
+        """What redis-server said last (e.g. that the port is in use), or ''."""
+        try:
+            lines = (self._dir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        said = [ln.strip() for ln in lines if ln.strip()]
+        return f" ({' / '.join(ln[-200:] for ln in said[-2:])})" if said else ""
 
     def _spawn(self, port: int, timeout: float) -> bool:
         cmd = [

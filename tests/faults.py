@@ -24,7 +24,7 @@ from loaders.client import ParamClient
 from param_server.checkpoints import import_checkpoint
 from param_server.daemon import DaemonProcess, spawn_daemon
 from param_server.errors import ParamServerError, StoreIOError
-from param_server.redis_server import EmbeddedRedis
+from param_server.redis_server import EmbeddedRedis, free_port
 from param_server.store import Store
 from tests.helpers import raw_safetensors, wait_until
 
@@ -241,8 +241,8 @@ def soak(
     store_dir = workdir / "soak-store"
     import_checkpoint(Store(store_dir), checkpoint, model)
     redis = EmbeddedRedis(supervise=False).start()
-    daemon = spawn_daemon(store_dir, redis_url=redis.url)
-    port = daemon.port
+    port = free_port()  # outside the ephemeral range: it is restarted on it
+    daemon = spawn_daemon(store_dir, redis_url=redis.url, port=port)
     report = SoakReport(nodes=nodes)
     live = []
     t_start = time.monotonic()

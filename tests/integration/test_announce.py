@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from loaders.client import ParamClient
 from param_server import tensor_codec
 from param_server.announce import Announcement, Announcer, channel, redis_client
 from param_server.daemon import spawn_daemon
-from param_server.redis_server import EmbeddedRedis
+from param_server.errors import UnavailableError
+from param_server.redis_server import EmbeddedRedis, free_port
 from param_server.service import ServerConfig, create_server
 from param_server.store import Store
 from tests.helpers import wait_until
@@ -134,6 +136,19 @@ def test_embedded_redis_is_supervised() -> None:
         wait_until(lambda: r.restarts == 1, 10, "the restart")
         assert r.port == port
         assert redis_client(r.url).ping()
+
+
+def test_a_taken_port_is_named_as_the_reason_redis_did_not_start() -> None:
+    port = free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        r = EmbeddedRedis(port=port, supervise=False)
+        try:
+            with pytest.raises(UnavailableError, match="Address already in use"):
+                r.start(timeout=5)
+        finally:
+            r.stop()
 
 
 def test_daemon_starts_a_private_redis_that_dies_with_it(tmp_path: Path) -> None:

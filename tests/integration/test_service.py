@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from param_server.errors import (
     StaleParentError,
     UnavailableError,
 )
+from param_server.redis_server import free_port
 from param_server.service import ServerConfig, create_server
 from tests.conftest import Checkpoint, Server
 from tests.helpers import header_bytes, raw_safetensors
@@ -419,12 +419,6 @@ def test_health_and_reflection(server: Server) -> None:
         assert "grpc.health.v1.Health" in services
         desc = db.FindFileContainingSymbol("paramserver.v1.ParamServer")
         assert desc.package == "paramserver.v1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_client_retries_until_the_server_comes_up(tmp_path: Path) -> None:
