@@ -230,8 +230,9 @@ class LocalDeployment:
         host = "localhost" if self.security else "127.0.0.1"
         return f"{host}:{self.superlink_port}"
 
-    def register(self, public_key: Path, timeout: float = 60) -> None:
-        """`flwr supernode register`: lets the SuperNode with this key in.
+    def register(self, public_key: Path, name: str, timeout: float = 60) -> None:
+        """`flwr supernode register --name NAME`: lets the SuperNode with this
+        key in; rounds record its updates under `name`.
 
         Raises:
             FlowerRunError: the SuperLink refused or did not answer in time.
@@ -239,7 +240,14 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         while True:
             r = self.flwr(
-                "supernode", "register", str(public_key), CONNECTION, "--format", "json"
+                "supernode",
+                "register",
+                str(public_key),
+                CONNECTION,
+                "--name",
+                name,
+                "--format",
+                "json",
             )
             try:
                 if json.loads(r.stdout).get("success"):
@@ -254,11 +262,17 @@ class LocalDeployment:
             time.sleep(0.5)  # the SuperLink may still be starting
 
     def add_supernode(
-        self, institution: str, data_path: str, *, registered: bool = True
+        self,
+        institution: str,
+        data_path: str,
+        *,
+        registered: bool = True,
+        node_config: Mapping[str, str] | None = None,
     ) -> None:
         """Starts a SuperNode for `institution`. Under node authentication it
-        gets a fresh key, registered first unless `registered` is False (a
-        stranger the SuperLink must refuse)."""
+        gets a fresh key, registered under that name first unless `registered`
+        is False (a stranger the SuperLink must refuse). `node_config` adds to
+        (or overrides) its `institution` and `data-path` node config."""
         sec = self.security
         auth: list[str] = ["--insecure"]
         if sec is not None:
@@ -267,8 +281,10 @@ class LocalDeployment:
                 key = self.workdir / "keys" / institution
                 pub = node_key(key)
                 if registered:
-                    self.register(pub)
+                    self.register(pub, institution)
                 auth += ["--auth-supernode-private-key", str(key)]
+        config = {"institution": institution, "data-path": data_path}
+        config |= dict(node_config or {})
         self._spawn(
             f"supernode-{institution}",
             [
@@ -281,7 +297,7 @@ class LocalDeployment:
                 "--port",
                 str(free_port()),
                 "--node-config",
-                f"institution='{institution}' data-path='{data_path}'",
+                " ".join(f"{k}={_toml_value(v)}" for k, v in config.items()),
             ],
         )
 

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,11 @@ from param_server.federation.aggregate import (
     parse_reply,
 )
 from param_server.federation.config import FederationConfig
+from param_server.federation.identity import (
+    NodeIdentity,
+    node_identities,
+    verified_name,
+)
 from param_server.federation.strategies import SparseFedAvg, build_strategy
 from param_server.manifest import Manifest
 from param_server.security import Credentials
@@ -174,6 +179,17 @@ def pair_replies(
     return kept, rejected
 
 
+def _vouched(ident: NodeIdentity | None) -> dict[str, str]:
+    """Provenance of a contributor's name: registered with the SuperLink under
+    its key, or only claimed by the reply."""
+    if ident is None:
+        return {"name_from": "reply"}
+    out = {"name_from": "registration" if ident.name else "reply"}
+    if ident.key_fingerprint:
+        out["node_key"] = ident.key_fingerprint
+    return out
+
+
 class Federation:
     """Runs rounds of one model against a param-server and a Flower grid."""
 
@@ -223,6 +239,8 @@ class Federation:
         t0 = self._round_started = time.monotonic()
         if isinstance(self.strategy, SparseFedAvg):
             self.strategy.set_model(st.layout, st.arrays, st.tensors)
+        # What the SuperLink vouches for (registered names, key fingerprints).
+        ids = node_identities(grid.get_nodes())
         messages = list(
             self.strategy.configure_train(rnd, st.arrays, self.train_config(rnd), grid)
         )
@@ -237,6 +255,12 @@ class Federation:
         replies = list(grid.send_and_receive(messages, timeout=c.round_timeout))
         wait_s = time.monotonic() - t_send
         replies, rejected = pair_replies(messages, replies, c.round_timeout)
+        rejected = [
+            replace(r, institution=ids[r.node_id].name or r.institution)
+            if r.node_id in ids
+            else r
+            for r in rejected
+        ]
         for r in rejected:
             logger.warning(
                 "round %d: no update from %s: %s", rnd, r.institution, r.reason
@@ -244,7 +268,10 @@ class Federation:
         valid_msgs: list[Message] = []
         updates: list[ClientUpdate] = []
         for msg in replies:
+            node = msg.metadata.src_node_id
+            claimed = institution_of(msg)
             try:
+                name = verified_name(node, claimed, ids.get(node))
                 u = parse_reply(
                     msg,
                     st.layout,
@@ -253,8 +280,9 @@ class Federation:
                     max_update_norm=c.max_update_norm or None,
                     require_all=not c.sparse,
                 )
+                u.institution = name
             except UpdateRejectedError as e:
-                r = Rejection(msg.metadata.src_node_id, institution_of(msg), str(e))
+                r = Rejection(node, claimed, str(e))
                 logger.warning(
                     "round %d: rejected the update of %s (node %d): %s",
                     rnd,
@@ -278,6 +306,7 @@ class Federation:
                     "update_norm": round(u.update_norm, 6),
                     "train_seconds": u.train_seconds,
                 }
+                | _vouched(ids.get(u.node_id))
                 for u in updates
             ],
             rejected=[r.as_dict() for r in rejected],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 import re
 from collections.abc import Iterator
@@ -397,8 +399,10 @@ def test_secured_deployment_tls_node_auth_and_a_token_refuse_a_stranger(
 ) -> None:
     """Flower over TLS with key-based SuperNode auth, and the param-server over
     TLS with tokens: two registered institutions run a round, committed with a
-    writer token; a SuperNode whose key was never registered is refused and
-    takes no part."""
+    writer token and recorded under their registered names and key
+    fingerprints; a SuperNode whose key was never registered is refused and
+    takes no part; a registered one claiming another institution's name is
+    rejected."""
     store_path, task = fed_store
     pki = make_pki(tmp_path)
     tokens = tmp_path / "tokens.toml"
@@ -423,7 +427,7 @@ def test_secured_deployment_tls_node_auth_and_a_token_refuse_a_stranger(
                 "param-server": target,
                 "num-rounds": 1,
                 "min-clients": 2,
-                "min-available": 2,
+                "min-available": 3,
                 "local-steps": 2,
                 "batch-size": 8,
                 "round-timeout": 120.0,
@@ -444,14 +448,30 @@ def test_secured_deployment_tls_node_auth_and_a_token_refuse_a_stranger(
             assert "Failed to activate SuperNode" in log
             superlink_log = (tmp_path / "flower" / "superlink.log").read_text()
             assert "No SuperNode found with the given public key" in superlink_log
+            # Registered as hospital-d, but says it is hospital-a.
+            flower.add_supernode(
+                FOUR[3],
+                str(task.data_path(FOUR[3])),
+                node_config={"institution": FOUR[0]},
+            )
             run = flower.wait_for_run(flower.submit(app), timeout=400)
             assert run["status"] == "finished:completed"
             online = [n for n in flower.supernodes() if n.get("status") == "online"]
-            assert len(online) == 2
+            assert len(online) == 3
         with ParamClient(target, credentials=creds, same_host=False) as client:
             m = client.get_manifest(MODEL)
         fed = m.metadata["federation"]
         assert m.version == v1 + 1 and m.author == AUTHOR
         assert sorted(c["institution"] for c in fed["contributors"]) == list(FOUR[:2])
+        keys = tmp_path / "flower" / "keys"
+        for c in fed["contributors"]:
+            pub = (keys / f"{c['institution']}.pub").read_bytes()
+            blob = base64.b64decode(pub.split()[1])
+            fp = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+            assert c["node_key"] == f"SHA256:{fp}"
+            assert c["name_from"] == "registration"
+        [impostor] = fed["rejected"]
+        assert impostor["institution"] == FOUR[0]  # what it claimed
+        assert f"registered as '{FOUR[3]}'" in impostor["reason"]
     finally:
         daemon.stop()

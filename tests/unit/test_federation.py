@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import math
 from pathlib import Path
@@ -38,6 +40,12 @@ from param_server.federation.aggregate import (
     sparse_average,
 )
 from param_server.federation.config import FederationConfig
+from param_server.federation.identity import (
+    NodeIdentity,
+    key_fingerprint,
+    node_identities,
+    verified_name,
+)
 from param_server.federation.server import pair_replies
 from param_server.federation.strategies import build_strategy
 
@@ -364,6 +372,43 @@ def test_each_sampled_node_gets_one_outcome_whoever_answered_for_it() -> None:
     # The ClientApp's error is kept for parsing, which rejects it with its reason.
     with pytest.raises(UpdateRejectedError, match="boom"):
         _parse(kept[1])
+
+
+def test_registered_names_and_key_fingerprints_come_from_the_superlink() -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.proto.node_pb2 import NodeInfo
+
+    key = ec.generate_private_key(ec.SECP384R1()).public_key()
+    ssh = key.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # What `ssh-keygen -lf key.pub` prints, computed from the file's blob.
+    blob_sha = hashlib.sha256(base64.b64decode(ssh.split()[1])).digest()
+    want = "SHA256:" + base64.b64encode(blob_sha).decode().rstrip("=")
+    assert key_fingerprint(pem) == key_fingerprint(ssh) == want
+    assert key_fingerprint(b"-----BEGIN PUBLIC KEY-----\nnot a key\n") == ""
+
+    ids = node_identities(
+        [
+            NodeInfo(node_id=5, name="hospital-a", public_key=pem),
+            NodeInfo(node_id=6, public_key=pem),  # registered without a name
+            NodeInfo(node_id=7),  # no node authentication
+        ]
+    )
+    assert ids == {
+        5: NodeIdentity("hospital-a", want),
+        6: NodeIdentity("", want),
+    }
+    assert verified_name(5, "hospital-a", ids[5]) == "hospital-a"
+    assert verified_name(5, "node-5", ids[5]) == "hospital-a"  # no claim made
+    assert verified_name(6, "hospital-b", ids[6]) == "hospital-b"  # only a claim
+    assert verified_name(7, "hospital-c", None) == "hospital-c"
+    with pytest.raises(UpdateRejectedError, match="registered as 'hospital-a'"):
+        verified_name(5, "hospital-b", ids[5])
 
 
 # --- config and strategies ----------------------------------------------------------
