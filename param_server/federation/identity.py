@@ -43,7 +43,9 @@ class NodeIdentity:
 
 def key_fingerprint(public_key: bytes) -> str:
     """The OpenSSH fingerprint of a public key the SuperLink stores (PEM), or
-    of an OpenSSH public key line; '' when it is neither."""
+    of an OpenSSH public key line; '' when it is neither (the simulation
+    engine gives its nodes random bytes)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -54,8 +56,8 @@ def key_fingerprint(public_key: bytes) -> str:
         line = key.public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )
-    except (ValueError, TypeError) as e:  # not a key we can read
-        logger.warning("cannot read a SuperNode public key: %s", e)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        logger.debug("not a public key we can read: %s", e)
         return ""
     blob = base64.b64decode(line.split()[1])
     digest = base64.b64encode(hashlib.sha256(blob).digest()).rstrip(b"=")
@@ -72,6 +74,11 @@ def node_identities(nodes: Iterable[_NodeInfo]) -> dict[int, NodeIdentity]:
         if name or fp:
             out[int(n.node_id)] = NodeIdentity(name, fp)
     return out
+
+
+def registered_name(ident: NodeIdentity | None, otherwise: str) -> str:
+    """The name `ident` was registered under, else `otherwise`."""
+    return ident.name if ident is not None and ident.name else otherwise
 
 
 def verified_name(node_id: int, claimed: str, ident: NodeIdentity | None) -> str:

@@ -38,6 +38,7 @@ from param_server.federation.config import FederationConfig
 from param_server.federation.identity import (
     NodeIdentity,
     node_identities,
+    registered_name,
     verified_name,
 )
 from param_server.federation.strategies import SparseFedAvg, build_strategy
@@ -256,9 +257,7 @@ class Federation:
         wait_s = time.monotonic() - t_send
         replies, rejected = pair_replies(messages, replies, c.round_timeout)
         rejected = [
-            replace(r, institution=ids[r.node_id].name or r.institution)
-            if r.node_id in ids
-            else r
+            replace(r, institution=registered_name(ids.get(r.node_id), r.institution))
             for r in rejected
         ]
         for r in rejected:
@@ -282,7 +281,7 @@ class Federation:
                 )
                 u.institution = name
             except UpdateRejectedError as e:
-                r = Rejection(node, claimed, str(e))
+                r = Rejection(node, registered_name(ids.get(node), claimed), str(e))
                 logger.warning(
                     "round %d: rejected the update of %s (node %d): %s",
                     rnd,

@@ -471,7 +471,7 @@ def test_secured_deployment_tls_node_auth_and_a_token_refuse_a_stranger(
             assert c["node_key"] == f"SHA256:{fp}"
             assert c["name_from"] == "registration"
         [impostor] = fed["rejected"]
-        assert impostor["institution"] == FOUR[0]  # what it claimed
-        assert f"registered as '{FOUR[3]}'" in impostor["reason"]
+        assert impostor["institution"] == FOUR[3]  # as registered, not as claimed
+        assert f"says it is '{FOUR[0]}'" in impostor["reason"]
     finally:
         daemon.stop()

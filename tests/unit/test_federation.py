@@ -44,6 +44,7 @@ from param_server.federation.identity import (
     NodeIdentity,
     key_fingerprint,
     node_identities,
+    registered_name,
     verified_name,
 )
 from param_server.federation.server import pair_replies
@@ -391,6 +392,9 @@ def test_registered_names_and_key_fingerprints_come_from_the_superlink() -> None
     want = "SHA256:" + base64.b64encode(blob_sha).decode().rstrip("=")
     assert key_fingerprint(pem) == key_fingerprint(ssh) == want
     assert key_fingerprint(b"-----BEGIN PUBLIC KEY-----\nnot a key\n") == ""
+    # The simulation engine's nodes carry random bytes.
+    assert key_fingerprint(bytes(range(7, 40))) == ""
+    assert key_fingerprint(b"ssh-ed448 AAAA") == ""
 
     ids = node_identities(
         [
@@ -409,6 +413,9 @@ def test_registered_names_and_key_fingerprints_come_from_the_superlink() -> None
     assert verified_name(7, "hospital-c", None) == "hospital-c"
     with pytest.raises(UpdateRejectedError, match="registered as 'hospital-a'"):
         verified_name(5, "hospital-b", ids[5])
+    assert registered_name(ids[5], "node-5") == "hospital-a"
+    assert registered_name(ids[6], "node-6") == "node-6"
+    assert registered_name(None, "node-7") == "node-7"
 
 
 # --- config and strategies ----------------------------------------------------------
