@@ -231,6 +231,12 @@ class Announcer:
             target=self._run, name="param-server-announcer", daemon=True
         )
 
+    @property
+    def redis_up(self) -> bool:
+        """False from the first failed attempt to reach Redis until it answers
+        again."""
+        return self._up
+
     def start(self) -> None:
         self._thread.start()
 
