@@ -32,6 +32,7 @@ from param_server.errors import (
     NotFoundError,
     ParamServerError,
     PermissionDeniedError,
+    ReadOnlyStoreError,
     StaleParentError,
     StoreIOError,
     UnavailableError,
@@ -64,6 +65,7 @@ _ERRORS: dict[grpc.StatusCode, type[ParamServerError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.FAILED_PRECONDITION: ReadOnlyStoreError,
 }
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 # How long a client keeps retrying a server that refuses streams as busy.

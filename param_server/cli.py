@@ -19,10 +19,14 @@ from param_server.errors import (
     AuthenticationError,
     IntegrityError,
     InvalidInputError,
+    ListenError,
     NotFoundError,
     ParamServerError,
     PermissionDeniedError,
+    RedisMissingError,
+    RedisStartError,
     StaleParentError,
+    StoreInUseError,
     StoreIOError,
     UnavailableError,
 )
@@ -49,10 +53,12 @@ class ExitCode(enum.IntEnum):
     INTEGRITY = 6
     STORE_IO = 7
     UNAVAILABLE = 8
+    REDIS_FAILED = 9
     ADDRESS_IN_USE = 10
     REDIS_MISSING = 11
     UNAUTHENTICATED = 12
     PERMISSION_DENIED = 13
+    STORE_IN_USE = 14
 
 
 _EXIT: tuple[tuple[type[BaseException], ExitCode], ...] = (
@@ -63,6 +69,10 @@ _EXIT: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (StaleParentError, ExitCode.STALE_PARENT),
     (IntegrityError, ExitCode.INTEGRITY),
     (StoreIOError, ExitCode.STORE_IO),
+    (ListenError, ExitCode.ADDRESS_IN_USE),
+    (RedisMissingError, ExitCode.REDIS_MISSING),
+    (RedisStartError, ExitCode.REDIS_FAILED),
+    (StoreInUseError, ExitCode.STORE_IN_USE),
     (UnavailableError, ExitCode.UNAVAILABLE),
     (ParamServerError, ExitCode.ERROR),
 )
@@ -265,6 +275,12 @@ def main(log_level: str) -> None:
     "may commit and roll back).",
 )
 @click.option(
+    "--read-only",
+    is_flag=True,
+    help="Serve reads only (refuse commits, rollbacks, pins and gc); a store "
+    "on a read-only file system is served this way without it.",
+)
+@click.option(
     "--max-streams",
     default=24,
     show_default=True,
@@ -291,6 +307,7 @@ def serve(
     tls_key: Path | None,
     tls_client_ca: Path | None,
     allow_unauthenticated: bool,
+    read_only: bool,
     max_streams: int,
     idle_timeout: float,
 ) -> None:
@@ -300,7 +317,6 @@ def serve(
     --tokens-file (or $PARAM_SERVER_TOKENS) and --tls-cert/--tls-key, or an
     explicit --allow-unauthenticated.
     """
-    from param_server.redis_server import RedisMissingError
     from param_server.security import TokenTable
     from param_server.service import ServerConfig
     from param_server.service import serve as run
@@ -325,6 +341,7 @@ def serve(
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
             allow_unauthenticated=allow_unauthenticated,
+            read_only=read_only,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
@@ -341,17 +358,7 @@ def serve(
             tmp.write_text(str(port))
             os.replace(tmp, port_file)
 
-    try:
-        run(config, on_ready=ready)
-    except RedisMissingError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(ExitCode.REDIS_MISSING)
-    except OSError as e:
-        click.echo(
-            f"error: {e}; pick another --listen address or stop the process using it",
-            err=True,
-        )
-        sys.exit(ExitCode.ADDRESS_IN_USE)
+    run(config, on_ready=ready)
 
 
 @main.group()
@@ -1058,7 +1065,7 @@ def federate(
         cfg = FederationConfig.from_run_config(run_config)
         run_simulation_rounds(
             cfg,
-            str(data_root),
+            str(data_root.absolute()),
             len(task.institutions),
             on_round=lambda r: show(
                 r.version,

@@ -79,7 +79,7 @@ def spawn_daemon(
         log_level,
         "serve",
         "--store",
-        str(store),
+        str(Path(store).absolute()),
         "--listen",
         f"127.0.0.1:{port}",
         "--port-file",

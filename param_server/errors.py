@@ -43,8 +43,30 @@ class StoreIOError(ParamServerError):
         self.errno = errno
 
 
+class ReadOnlyStoreError(StoreIOError):
+    """The store is served read-only; commits, rollbacks, pins and gc are
+    refused (FAILED_PRECONDITION)."""
+
+
+class StoreInUseError(ParamServerError):
+    """Another daemon is already serving this store."""
+
+
+class ListenError(ParamServerError, OSError):
+    """The daemon cannot listen on the address it was given (in use, or not
+    an address of this machine)."""
+
+
 class UnavailableError(ParamServerError, ConnectionError):
     """The server could not be reached, even after retries (UNAVAILABLE)."""
+
+
+class RedisMissingError(ParamServerError):
+    """`redis-server` is not installed (or not on PATH)."""
+
+
+class RedisStartError(UnavailableError):
+    """`redis-server` is installed but did not come up; says what it reported."""
 
 
 class AuthenticationError(ParamServerError):

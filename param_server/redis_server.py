@@ -18,13 +18,11 @@ from pathlib import Path
 
 import redis
 
-from param_server.errors import ParamServerError, UnavailableError
+from param_server.errors import RedisMissingError, RedisStartError
+
+__all__ = ["EmbeddedRedis", "RedisMissingError", "RedisStartError", "free_port"]
 
 logger = logging.getLogger(__name__)
-
-
-class RedisMissingError(ParamServerError):
-    """`redis-server` is not installed (or not on PATH)."""
 
 
 def _die_with_parent() -> None:
@@ -86,8 +84,9 @@ class EmbeddedRedis:
         supervise: restart the server when it exits unexpectedly.
         binary: the executable (found on PATH by default).
         password: require this password (AUTH) from clients.
-        workdir: its working directory and log (kept); default a temporary
-            directory, removed on `stop`.
+        workdir: its working directory and log (kept; made absolute, since
+            redis-server changes into it before opening its log); default a
+            temporary directory, removed on `stop`.
     """
 
     def __init__(
@@ -113,7 +112,10 @@ class EmbeddedRedis:
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._own_dir = workdir is None
-        self._dir = workdir or Path(tempfile.mkdtemp(prefix="param-server-redis-"))
+        self._dir = (
+            workdir or Path(tempfile.mkdtemp(prefix="param-server-redis-"))
+        ).absolute()
+        self._stderr = ""
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -131,8 +133,8 @@ class EmbeddedRedis:
         """Starts the server and waits until it answers PING.
 
         Raises:
-            UnavailableError: it did not come up (three ports tried when the
-                port was picked here).
+            RedisStartError: it did not come up (three ports tried when the
+                port was picked here); the message has what it reported.
         """
         self._stopping.clear()
         tries = 3 if self.port == 0 else 1
@@ -142,7 +144,7 @@ class EmbeddedRedis:
                 self.port = port
                 break
             if attempt == tries - 1:
-                raise UnavailableError(
+                raise RedisStartError(
                     f"redis-server did not start on 127.0.0.1:{port}"
                     f"{self._log_tail()}; see its log in "
                     f"{self._dir / 'redis.log'}"
@@ -155,11 +157,15 @@ class EmbeddedRedis:
         return self
 
     def _log_tail(self) -> str:
-        """What redis-server said last (e.g. that the port is in use), or ''."""
+        """What redis-server said last (e.g. that the port is in use), or ''.
+
+        Its stderr first: that is where it writes when it cannot open its log.
+        """
         try:
             lines = (self._dir / "redis.log").read_text(errors="replace").splitlines()
         except OSError:
-            return ""
+            lines = []
+        lines = self._stderr.splitlines() + lines
         said = [ln.strip() for ln in lines if ln.strip()]
         return f" ({' / '.join(ln[-200:] for ln in said[-2:])})" if said else ""
 
@@ -190,14 +196,27 @@ class EmbeddedRedis:
             with os.fdopen(fd, "w") as f:
                 f.write(f'requirepass "{self._password}"\n')
             cmd.insert(1, str(conf))
-        with self._lock:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )
-            proc = self._proc
+        # Its stderr goes to an anonymous file, read only if it fails (a
+        # pipe nobody drains could block it).
+        with tempfile.TemporaryFile() as err:
+            with self._lock:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    preexec_fn=_die_with_parent,
+                )
+                proc = self._proc
+            if self._wait_ready(proc, port, timeout):
+                return True
+            err.seek(0)
+            self._stderr = err.read(8192).decode(errors="replace")
+            return False
+
+    def _wait_ready(
+        self, proc: subprocess.Popen[bytes], port: int, timeout: float
+    ) -> bool:
+        """Waits until it answers PING; kills it if it does not in time."""
         client = redis.Redis(
             host="127.0.0.1",
             port=port,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import inspect
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from param_server.announce import Announcer, redact
 from param_server.api.v1 import param_server_pb2 as pb
@@ -30,10 +32,14 @@ from param_server.errors import (
     BusyError,
     IntegrityError,
     InvalidInputError,
+    ListenError,
     NotFoundError,
     ParamServerError,
     PermissionDeniedError,
+    ReadOnlyStoreError,
+    RedisStartError,
     StaleParentError,
+    StoreInUseError,
     StoreIOError,
     UnavailableError,
 )
@@ -53,9 +59,15 @@ from param_server.store import Store
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParamServer"].full_name
-CHUNK_BYTES = 4 * 1024 * 1024
-# A chunk plus its framing; both sides raise gRPC's 4 MiB default to this.
-MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
+# gRPC's default limit on a received message: stock clients (grpcurl,
+# grpc-js, a plain Python channel) refuse anything larger.
+GRPC_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+# A data chunk's payload; with its framing (tag and length, 5 bytes) every
+# message a client receives stays under that default.
+CHUNK_BYTES = GRPC_DEFAULT_MAX_MESSAGE - 64 * 1024
+# What the daemon accepts (a commit chunk from an older client was a full
+# 4 MiB plus framing); our client raises its own limit to this too.
+MAX_MESSAGE_BYTES = GRPC_DEFAULT_MAX_MESSAGE + 64 * 1024
 
 # Typed errors to status codes, most specific first.
 _STATUS: tuple[tuple[type[ParamServerError], grpc.StatusCode], ...] = (
@@ -74,6 +86,8 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 def status_for(e: ParamServerError) -> grpc.StatusCode:
     """The gRPC status code for one of our errors."""
+    if isinstance(e, ReadOnlyStoreError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(e, StoreIOError):
         return (
             grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -127,6 +141,10 @@ class ServerConfig:
     allow_unauthenticated: bool = False
     """Serve a non-loopback address without tokens (anyone who can reach it
     may read, commit and roll back)."""
+    read_only: bool = False
+    """Serve reads only: commits, rollbacks, pins and gc are refused
+    (FAILED_PRECONDITION). A store on a read-only file system is served this
+    way without asking."""
 
     def __post_init__(self) -> None:
         if self.max_workers < 2:
@@ -338,6 +356,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
     ) -> None:
         self.store = store
         self.config = config
+        self.read_only = config.read_only or not store.writable()
         self.announcer = announcer
         self.guard = _StreamGuard(config.max_streams, config.idle_timeout)
         self.auth = (
@@ -353,12 +372,20 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
     def _authorize(
         self, context: Any, role: Role | None, request: Any, scope: Scope
     ) -> Principal | None:
-        if self.auth is None or role is None:
-            return None
-        model = {"model": getattr(request, "model", None), "any": ANY_MODEL}
-        return self.auth.check(
-            context.invocation_metadata(), context.peer(), role, model.get(scope)
-        )
+        principal = None
+        if self.auth is not None and role is not None:
+            model = {"model": getattr(request, "model", None), "any": ANY_MODEL}
+            principal = self.auth.check(
+                context.invocation_metadata(), context.peer(), role, model.get(scope)
+            )
+        if self.read_only and role is not None and role >= Role.WRITER:
+            raise ReadOnlyStoreError(
+                f"the store at {self.store.root} is served read-only (a read-only "
+                "file system or --read-only); commit, roll back, pin and collect "
+                "garbage through a daemon serving a writable copy of it",
+                errno.EROFS,
+            )
+        return principal
 
     @_rpc(Role.READER, "any")
     def ListModels(
@@ -569,10 +596,11 @@ def create_server(
     commit and rollback; `serve` makes one from the config.
 
     Raises:
-        OSError: the address cannot be bound.
+        ListenError: the address cannot be bound.
     """
     store = Store(config.store)
-    store.clean_staging()  # leftovers of commits cut by a crash
+    if store.writable():
+        store.clean_staging()  # leftovers of commits cut by a crash
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix="param-server"
@@ -613,14 +641,7 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    _add_reflection(server)
     try:
         credentials = server_credentials(config)
         if credentials is None:
@@ -628,10 +649,49 @@ def create_server(
         else:
             port = server.add_secure_port(config.listen, credentials)
     except RuntimeError as e:
-        raise OSError(errno.EADDRINUSE, f"cannot listen on {config.listen}: {e}") from e
+        raise ListenError(
+            errno.EADDRINUSE,
+            f"cannot listen on {config.listen} ({e}); pick another --listen "
+            "address or stop the process using it",
+        ) from e
     if port == 0:
-        raise OSError(errno.EADDRINUSE, f"cannot listen on {config.listen}")
+        raise ListenError(
+            errno.EADDRINUSE,
+            f"cannot listen on {config.listen}; pick another --listen address "
+            "or stop the process using it",
+        )
     return server, port, health_servicer
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(server: grpc.Server) -> None:
+    """Server reflection under both names tools ask for.
+
+    grpcio-reflection implements only `grpc.reflection.v1alpha`, while newer
+    tools (grpcurl, Postman, grpc-js tooling) try `grpc.reflection.v1` first.
+    The v1 protocol is the v1alpha one with its package renamed (the same
+    messages, fields and numbers), so one servicer answers both.
+    """
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        REFLECTION_V1,
+        reflection.SERVICE_NAME,
+    )
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_registered_method_handlers(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -656,13 +716,51 @@ def serve(
     """Runs the daemon until SIGTERM or SIGINT, then drains for the grace period.
 
     Raises:
+        StoreInUseError: another daemon is serving the store.
         RedisMissingError: announcing with a private Redis, but redis-server
             is not installed.
-        OSError: the address cannot be bound.
+        RedisStartError: the private redis-server did not come up.
+        ListenError: the address cannot be bound.
     """
     # Past a file-size limit (ulimit -f) a write must fail with EFBIG, which
     # the store reports as a clear error, instead of killing the daemon.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    with _serving_lock(Path(config.store)):
+        _serve_locked(config, on_ready)
+
+
+@contextlib.contextmanager
+def _serving_lock(store: Path) -> Iterator[None]:
+    """Held while a daemon serves `store`: a second daemon would start a
+    second private Redis fighting for the first one's port and announce
+    every commit twice, so it is refused instead.
+
+    The lock is a flock on the store directory itself, so it needs no write
+    access (a read-only store is locked the same way) and dies with the
+    process, however that ends.
+    """
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise StoreIOError(
+            f"cannot open the store at {store.absolute()}: {e.strerror or e}", e.errno
+        ) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreInUseError(
+                f"another param-server daemon is already serving the store at "
+                f"{store.absolute()}; stop it first, or give this one another "
+                "--store (clients of the running one need nothing else)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _serve_locked(config: ServerConfig, on_ready: Callable[[int], None] | None) -> None:
     embedded: EmbeddedRedis | None = None
     announcer: Announcer | None = None
     url = config.redis_url
@@ -685,22 +783,33 @@ def serve(
 
 
 def _start_embedded_redis(store: Path) -> EmbeddedRedis:
-    """A private Redis working in `<store>/redis` (so a crash leaves nothing
-    behind elsewhere), on the port it had last time when that is free, so
-    nodes subscribed before a daemon restart find it again."""
-    workdir = Path(store) / "redis"
-    workdir.mkdir(parents=True, exist_ok=True)
-    hint = workdir / "port"
+    """A private Redis, on the port it had last time when that is free, so
+    nodes subscribed before a daemon restart find it again.
+
+    It keeps nothing durable, so its working directory and log are a private
+    temporary directory (removed when it stops), never the store: a store may
+    be read-only. The port it took is remembered in `<store>/redis/port`
+    when the store is writable.
+    """
+    hint = Path(store).absolute() / "redis" / "port"
     try:
         port = int(hint.read_text())
     except (OSError, ValueError):
         port = 0
     try:
-        embedded = EmbeddedRedis(port=port, workdir=workdir).start()
-    except UnavailableError:
-        embedded = EmbeddedRedis(workdir=workdir).start()
-    with contextlib.suppress(OSError):
-        hint.write_text(str(embedded.port))
+        embedded = EmbeddedRedis(port=port).start()
+    except RedisStartError:
+        if port == 0:
+            raise
+        logger.info("port %d of the last private Redis is taken; picking another", port)
+        embedded = EmbeddedRedis().start()
+    try:
+        hint.parent.mkdir(exist_ok=True)
+        tmp = hint.with_name("port.tmp")
+        tmp.write_text(str(embedded.port))
+        os.replace(tmp, hint)
+    except OSError as e:
+        logger.info("not remembering the private Redis's port (%s)", e.strerror or e)
     return embedded
 
 

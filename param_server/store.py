@@ -398,6 +398,16 @@ class Store:
                 if self._lock_depth == 0 and self._lock_fd is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def writable(self) -> bool:
+        """False when this process cannot write the store (a read-only mount,
+        or no permission): it can still be read and served read-only."""
+        try:
+            if os.statvfs(self.root).f_flag & os.ST_RDONLY:
+                return False
+        except OSError:
+            return False
+        return all(os.access(p, os.W_OK) for p in (self.root, self.root / "models"))
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

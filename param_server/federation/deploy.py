@@ -162,6 +162,14 @@ class LocalDeployment:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Flower's processes run inside the work dir: every path they are
+        # given must not depend on where the caller stands.
+        self.workdir = Path(self.workdir).absolute()
+        self.institutions = {
+            name: os.path.abspath(path) for name, path in self.institutions.items()
+        }
+
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ) | dict(self.extra_env)
@@ -242,7 +250,7 @@ class LocalDeployment:
             r = self.flwr(
                 "supernode",
                 "register",
-                str(public_key),
+                str(Path(public_key).absolute()),
                 CONNECTION,
                 "--name",
                 name,
@@ -283,7 +291,7 @@ class LocalDeployment:
                 if registered:
                     self.register(pub, institution)
                 auth += ["--auth-supernode-private-key", str(key)]
-        config = {"institution": institution, "data-path": data_path}
+        config = {"institution": institution, "data-path": os.path.abspath(data_path)}
         config |= dict(node_config or {})
         self._spawn(
             f"supernode-{institution}",
@@ -332,7 +340,7 @@ class LocalDeployment:
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any] | None = None) -> int:
         """`flwr run`; returns the run id."""
-        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
+        args = ["run", str(Path(app_dir).absolute()), CONNECTION, "--format", "json"]
         if run_config:
             args += [
                 "--run-config",

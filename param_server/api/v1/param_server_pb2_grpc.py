@@ -107,8 +107,9 @@ class ParamServerServicer:
 
     def FetchShards(self, request, context):
         """Shards (and model files) as a stream: for each one a header, then its
-        bytes in chunks of at most 4 MiB. The header carries the digest so the
-        client verifies what it received.
+        bytes in chunks of 4 MiB - 64 KiB, so every message fits gRPC's default
+        4 MiB limit. The header carries the digest so the client verifies what it
+        received.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
