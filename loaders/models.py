@@ -267,6 +267,14 @@ def check_expert_shapes(
     manifest: Manifest, family: LazyFamily, shapes: dict[str, tuple[int, ...]]
 ) -> None:
     """Checks every expert in the manifest against the config, before serving."""
+    if shapes and not any(".experts." in key for key in manifest.shards):
+        raise InvalidInputError(
+            f"{manifest.model}@{manifest.version} has no expert shards, but the "
+            f"{family.model_types[0]} model built from its config.json has "
+            "routed experts: the import recognised none of its expert tensors "
+            "(see the warning it printed). Re-import it once its naming is a "
+            "row of NAMING in param_server/checkpoints.py"
+        )
     for key, shard in sorted(manifest.shards.items()):
         if ".experts." not in key:
             continue

@@ -36,7 +36,7 @@ from param_server.errors import InvalidInputError, NotFoundError
 from param_server.manifest import Manifest
 from param_server.names import check_file_name
 from param_server.safetensors_format import read_header
-from param_server.store import CommitResult, Store
+from param_server.store import CommitResult, Store, check_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,32 @@ def classify(name: str) -> tuple[str, bool]:
 # --- import ---------------------------------------------------------------------
 
 
-def _weight_files(src: Path) -> dict[str, Path]:
+def _own_file(src: Path, path: Path, follow_links: bool) -> Path:
+    """`path`, refused when it is a symbolic link that leads out of `src`.
+
+    A checkpoint folder from elsewhere could otherwise carry
+    `tokenizer.json -> /etc/shadow` into the store, to every reader and into
+    every export. Links that stay inside the folder are fine.
+    """
+    if follow_links or not path.is_symlink():
+        return path
+    real = path.resolve()
+    if not real.is_relative_to(src.resolve()):
+        raise InvalidInputError(
+            f"refusing {path}: it is a symbolic link to {os.readlink(path)}, "
+            f"outside the checkpoint folder {src}. Copy the real files in "
+            "(cp -rL), or if you trust every link in the folder (a Hugging Face "
+            "cache snapshot, say) import with --follow-links"
+        )
+    return path
+
+
+def _weight_files(src: Path, follow_links: bool) -> dict[str, Path]:
     """tensor name -> file holding it, from the index or the single file."""
     index = src / _WEIGHT_INDEX
     single = src / "model.safetensors"
     if index.is_file():
+        _own_file(src, index, follow_links)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -143,9 +164,10 @@ def _weight_files(src: Path) -> dict[str, Path]:
                 raise InvalidInputError(
                     f"{index} maps {name!r} to {fname!r}, which does not exist"
                 )
-            out[name] = path
+            out[name] = _own_file(src, path, follow_links)
         return out
     if single.is_file():
+        _own_file(src, single, follow_links)
         return {}
     raise InvalidInputError(
         f"{src} has neither model.safetensors nor {_WEIGHT_INDEX}; pass a folder "
@@ -153,7 +175,7 @@ def _weight_files(src: Path) -> dict[str, Path]:
     )
 
 
-def _model_files(src: Path) -> list[Path]:
+def _model_files(src: Path, follow_links: bool) -> list[Path]:
     """Small non-weight files that travel with the model (config.json, ...)."""
     out = []
     for p in sorted(src.iterdir()):
@@ -164,11 +186,50 @@ def _model_files(src: Path) -> list[Path]:
             or p.name.startswith(".")
         ):
             continue
+        _own_file(src, p, follow_links)
         if p.stat().st_size > MAX_MODEL_FILE_BYTES:
             logger.warning("skipping %s: larger than %d bytes", p, MAX_MODEL_FILE_BYTES)
             continue
+        check_model_file(p.name, p)  # before any weight is read, not after
         out.append(p)
     return out
+
+
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _no_experts(src: Path, plan: Mapping[str, list[str]]) -> str:
+    """What to tell the user about a checkpoint in which no row of NAMING
+    recognised a single expert tensor."""
+    try:
+        config = json.loads((src / "config.json").read_bytes())
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
+    kind = config.get("model_type", "unknown model_type")
+    dense = sum(1 for k in plan if k.startswith("layers."))
+    declared = next(
+        (
+            config[k]
+            for k in _EXPERT_COUNT_KEYS
+            if isinstance(config.get(k), int) and config[k] > 0
+        ),
+        None,
+    )
+    why = (
+        f"its config.json declares {declared} experts per layer, but no tensor "
+        "name matches a row of NAMING in param_server/checkpoints.py (add one "
+        "for this family)"
+        if declared
+        else "it looks like a dense model"
+    )
+    return (
+        f"{src}: no expert tensors recognised in this {arch} ({kind}) "
+        f"checkpoint; {why}. Recognised: {dense} layer shard(s) as dense and "
+        f"{'a' if GLOBAL_KEY in plan else 'no'} global shard, so lazy expert "
+        "loading has nothing to load lazily"
+    )
 
 
 def import_checkpoint(
@@ -182,6 +243,8 @@ def import_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     allow_schema_change: bool = False,
     progress: bool = False,
+    follow_links: bool = False,
+    require_experts: bool = False,
 ) -> CommitResult:
     """Imports a Hugging Face checkpoint folder as a new version of `model`.
 
@@ -195,16 +258,23 @@ def import_checkpoint(
         author, message, metadata: provenance.
         allow_schema_change: accept tensors that differ from the parent's.
         progress: show a progress bar on stderr.
+        follow_links: accept symbolic links that lead out of `src` (by
+            default they are refused: the folder may not be trusted).
+        require_experts: refuse a checkpoint in which no expert tensor is
+            recognised (by default that is a warning).
 
     Raises:
-        InvalidInputError: a missing, corrupt or truncated weight file, or an
-            index naming missing files or tensors.
+        InvalidInputError: a missing, corrupt or truncated weight file, an
+            index naming missing files or tensors, a link out of the folder,
+            a `.json` model file that is not JSON, or no experts where
+            `require_experts` asked for them.
         StaleParentError, SchemaMismatchError, StoreIOError: see Store.commit.
     """
     src = Path(src)
     if not (src / "config.json").is_file():
         raise InvalidInputError(f"{src} has no config.json; is it a checkpoint folder?")
-    mapped = _weight_files(src)
+    model_files = _model_files(src, follow_links)
+    mapped = _weight_files(src, follow_links)
     files = sorted(set(mapped.values())) or [src / "model.safetensors"]
     # Validate every header strictly first: a corrupt file fails before any write.
     names_in: dict[Path, list[str]] = {}
@@ -227,6 +297,10 @@ def import_checkpoint(
             fused[int(key.split(".")[1])].append(name)
         else:
             plan[key].append(name)
+    if not fused and not any(parse_expert_key(k) for k in plan):
+        if require_experts:
+            raise InvalidInputError(_no_experts(src, plan))
+        logger.warning("%s", _no_experts(src, plan))
 
     if parent is None:
         try:
@@ -275,7 +349,7 @@ def import_checkpoint(
                         f"layer {layer} expert {e} appears both fused and per-expert"
                     )
                 stage(key, {n: t[e] for n, t in whole.items()}, sorted(whole))
-        for p in _model_files(src):
+        for p in model_files:
             staging.add(p.name, p.read_bytes(), is_file=True)
         meta = {"source": "huggingface", **(metadata or {})}
         return store.commit(
@@ -354,6 +428,10 @@ def export_checkpoint(
         IntegrityError: a blob no longer matches its digest.
         InvalidInputError: `dest` exists and is not empty.
     """
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise InvalidInputError(
+            f"max_shard_bytes must be a positive byte count, got {max_shard_bytes!r}"
+        )
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise InvalidInputError(f"{dest} exists and is not empty; choose a new folder")

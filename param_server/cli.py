@@ -8,7 +8,9 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -445,6 +447,18 @@ def token_hash() -> None:
     is_flag=True,
     help="Accept tensors that differ from the current version's.",
 )
+@click.option(
+    "--follow-links",
+    is_flag=True,
+    help="Follow symbolic links that lead out of SRC (refused by default: "
+    "only for folders you trust, such as a Hugging Face cache snapshot).",
+)
+@click.option(
+    "--require-experts",
+    is_flag=True,
+    help="Refuse a checkpoint in which no expert tensor is recognised "
+    "(otherwise a warning).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_handle_errors
 def import_(
@@ -454,6 +468,8 @@ def import_(
     message: str,
     author: str,
     allow_schema_change: bool,
+    follow_links: bool,
+    require_experts: bool,
     progress: bool,
 ) -> None:
     """Import a Hugging Face checkpoint folder as a new version."""
@@ -468,6 +484,8 @@ def import_(
         message=message,
         allow_schema_change=allow_schema_change,
         progress=progress,
+        follow_links=follow_links,
+        require_experts=require_experts,
     )
     m = r.manifest
     click.echo(
@@ -485,7 +503,9 @@ def import_(
     "--max-shard-size",
     default="5GB",
     show_default=True,
-    help="Split weights into files of at most this size.",
+    help="Split weights into files of at most this size (B, KB, MB, GB, TB "
+    "or KiB, MiB, GiB, TiB; from 1 MB to 1 PiB).",
+    callback=lambda ctx, param, value: parse_size(value),
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_handle_errors
@@ -494,7 +514,7 @@ def export(
     dest: Path,
     store: Path,
     version: int | None,
-    max_shard_size: str,
+    max_shard_size: int,
     progress: bool,
 ) -> None:
     """Export a version as a Hugging Face checkpoint folder."""
@@ -506,7 +526,7 @@ def export(
         model,
         dest,
         version=version,
-        max_shard_bytes=_parse_size(max_shard_size),
+        max_shard_bytes=max_shard_size,
         progress=progress,
     )
     click.echo(f"wrote {out}")
@@ -547,7 +567,8 @@ def versions(
         mark = ("*" if r.head else " ") + ("p" if r.pinned else " ")
         click.echo(
             f"{mark}{r.version:>7} {r.parent:>6} {r.num_changed:>7}  "
-            f"{r.created_at:<27} {r.author[:12]:<12} {r.message}"
+            f"{_printable(r.created_at):<27} {_printable(r.author[:12]):<12} "
+            f"{_printable(r.message)}"
         )
     click.echo("(* HEAD, p pinned)")
 
@@ -803,10 +824,11 @@ def _fleet_table(nodes: list[Any], heads: dict[str, int | None], now: float) -> 
                 _ago(now - n.updated),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    cells = [[_printable(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in rows
+        for r in cells
     )
 
 
@@ -1130,26 +1152,53 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _parse_size(text: str) -> int:
-    units = {
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "B": 1,
-    }
-    t = text.strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * units[u])
-            except ValueError:
-                break
-    if t.isdigit():
-        return int(t)
-    raise click.BadParameter(f"cannot read size {text!r}; use e.g. 500MB or 2GiB")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*([KMGT]I?B|B)?", re.IGNORECASE)
+MIN_SHARD_BYTES = 10**6
+MAX_SHARD_BYTES = 2**50
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a shard size from '500MB', '2GiB', '1.5TB' or a byte count.
+
+    Raises:
+        click.BadParameter: not a size, or not from 1 MB to 1 PiB.
+    """
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise click.BadParameter(
+            f"cannot read {text!r} as a size; give a number and a unit: B, KB, "
+            "MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), "
+            "e.g. 500MB or 2GiB"
+        )
+    value = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()]
+    if not MIN_SHARD_BYTES <= value <= MAX_SHARD_BYTES:
+        raise click.BadParameter(
+            f"{text!r} is {value:.4g} bytes; give a size from 1MB to 1024TiB"
+        )
+    return int(value)
+
+
+def _printable(text: str) -> str:
+    """`text` with control and format characters escaped, so stored strings
+    (commit messages, authors, node names) cannot move the cursor, recolour
+    or reorder a terminal; what is stored stays as it was."""
+    return "".join(
+        ch
+        if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
 
 
 if __name__ == "__main__":

@@ -566,7 +566,8 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
     def CollectGarbage(
         self, request: pb.CollectGarbageRequest, context: Any
     ) -> pb.CollectGarbageResponse:
-        r = self.store.gc(request.keep_last or 10, dry_run=request.dry_run)
+        keep_last = request.keep_last if request.HasField("keep_last") else 10
+        r = self.store.gc(keep_last, dry_run=request.dry_run)
         return pb.CollectGarbageResponse(
             dropped_versions=[f"{m}@{v}" for m, v in r.dropped_versions],
             blobs_deleted=r.blobs_deleted,

@@ -603,6 +603,7 @@ class Store:
         changed = []
         for (is_file, key), blob in sorted(staging.blobs.items()):
             if is_file:
+                check_model_file(key, blob.path)
                 files[key] = FileEntry(key, blob.digest, blob.size)
                 continue
             assert blob.header is not None
@@ -905,6 +906,34 @@ class Store:
                     except (NotFoundError, IntegrityError) as e:
                         problems.append(f"{model}@{v}: {e}")
         return problems
+
+
+def check_model_file(name: str, path: Path) -> None:
+    """Refuses a model file that cannot be what its name says: every `.json`
+    file (config, generation config, tokenizer files, ...) must parse as
+    JSON, and `config.json` must be an object, or a node fails later on it.
+
+    Raises:
+        InvalidInputError: naming the file and where it is broken.
+    """
+    if not name.endswith(".json"):
+        return
+    try:
+        doc = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(
+            f"model file {name!r} is not valid JSON ({e.msg} at line {e.lineno} "
+            f"column {e.colno}); fix it or leave it out, and commit again"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(
+            f"model file {name!r} is not UTF-8 text ({e.reason} at byte "
+            f"{e.start}); fix it or leave it out, and commit again"
+        ) from e
+    if name == "config.json" and not isinstance(doc, dict):
+        raise InvalidInputError(
+            f"model file 'config.json' must be a JSON object, got {type(doc).__name__}"
+        )
 
 
 def _check_schema(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from loaders.client import ParamClient
 from param_server.daemon import DaemonProcess, spawn_daemon
@@ -142,6 +143,73 @@ def test_errors_have_clear_messages_and_statuses(
     assert p.returncode == code, p.stderr
     assert p.stderr.startswith("error: ") and message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_gc_keep_last_zero_is_refused_the_same_offline_and_through_the_daemon(
+    daemon: tuple[DaemonProcess, Path],
+) -> None:
+    d, store = daemon
+    with ParamClient(d.target) as c:
+        for data in (b"a", b"b", b"c"):
+            head = c.head("m") if c.list_models() else 0
+            w = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            c.commit("m", head, {"global": {"w": w}})
+    for where in (["--store", str(store)], ["--server", d.target]):
+        p = cli("gc", "--keep-last", "0", *where)
+        assert p.returncode == 4, (where, p.stderr)
+        assert "keep_last must be >= 1" in p.stderr
+    with ParamClient(d.target) as c:
+        assert [v.version for v in c.list_versions("m")] == [1, 2, 3]
+        # Unset still means the documented default (10), not 0.
+        from param_server.api.v1 import param_server_pb2 as pb
+
+        r = c._stubs[0].CollectGarbage(pb.CollectGarbageRequest(dry_run=True))
+        assert list(r.dropped_versions) == []
+
+
+def test_versions_escapes_control_characters_but_keeps_them_stored(
+    daemon: tuple[DaemonProcess, Path],
+) -> None:
+    d, store = daemon
+    message = "fine\nFAKE   99  line\x1b[31mred\x1b[0m\u202egnp.exe\r"
+    with ParamClient(d.target) as c:
+        w = torch.zeros(2)
+        c.commit("m", 0, {"global": {"w": w}}, author="ev\x07il", message=message)
+    for where in (["--store", str(store)], ["--server", d.target]):
+        out = cli("versions", "m", *where, check=True).stdout
+        assert not any(ch in out for ch in "\x1b\x07\r\u202e")
+        assert out.count("\n") == 3  # the title, one version, the legend
+        assert r"fine\nFAKE" in out and r"\x1b[31mred" in out and r"ev\x07il" in out
+        rows = json.loads(cli("versions", "m", "--json", *where, check=True).stdout)
+        assert rows[0]["message"] == message and rows[0]["author"] == "ev\x07il"
+
+
+@pytest.mark.parametrize(
+    ("size", "why"),
+    [
+        ("1e300GB", "cannot read"),
+        ("infGB", "cannot read"),
+        ("nan", "cannot read"),
+        ("-5GB", "cannot read"),
+        ("0", "from 1MB to 1024TiB"),
+        ("10KB", "from 1MB to 1024TiB"),
+        ("2048TiB", "from 1MB to 1024TiB"),
+        ("5 parsecs", "cannot read"),
+    ],
+)
+def test_bad_shard_sizes_are_usage_errors(tmp_path: Path, size: str, why: str) -> None:
+    p = cli("export", "m", str(tmp_path / "out"), "--max-shard-size", size)
+    assert p.returncode == 2, p.stderr
+    assert why in p.stderr and "Traceback" not in p.stderr
+
+
+def test_shard_sizes_take_decimal_and_binary_units() -> None:
+    from param_server.cli import parse_size
+
+    assert parse_size("1TB") == 10**12
+    assert parse_size("1.5 GiB") == 3 * 2**29
+    assert parse_size("500mb") == 500 * 10**6
+    assert parse_size("2000000") == 2 * 10**6
 
 
 def test_import_of_a_corrupt_checkpoint(

@@ -76,7 +76,7 @@ def relative_daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int
 def test_serve_with_the_default_relative_store_starts_and_announces(
     tmp_path: Path, relative_daemon: tuple[subprocess.Popen[str], int]
 ) -> None:
-    proc, port = relative_daemon
+    _, port = relative_daemon
     assert (tmp_path / "param-store" / "STORE_ID").is_file()
     with ParamClient(f"127.0.0.1:{port}") as c:
         url = c.announce_url()
@@ -148,7 +148,7 @@ def test_read_only_flag_serves_reads_and_refuses_writes(tmp_path: Path) -> None:
     ):
         assert c.get_manifest("m").version == 1
         assert bytes(c.fetch_shards("m", ["global"])["global"]["w"].numpy()) == b"abc"
-        with pytest.raises(ReadOnlyStoreError, match="FAILED_PRECONDITION.*read-only"):
+        with pytest.raises(ReadOnlyStoreError, match=r"FAILED_PRECONDITION.*read-only"):
             c.commit("m", 1, {"global": _shard(b"abd")})
         for call in (
             lambda: c.rollback("m", 1),

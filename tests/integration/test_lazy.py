@@ -241,6 +241,30 @@ def test_config_that_does_not_match_the_weights(
         store.rollback("qwen3_moe-float32", m.version)
 
 
+def test_an_moe_imported_without_recognised_experts_is_refused_at_load(
+    served: Served, checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "renamed"
+    src.mkdir()
+    ckpt = checkpoints["mixtral-float32"].path
+    (src / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    tensors = {
+        n: t for f in ckpt.glob("*.safetensors") for n, t in load_file(f).items()
+    }
+    save_file(
+        {k.replace(".experts.", ".specialists."): v for k, v in tensors.items()},
+        src / "model.safetensors",
+    )
+    import_checkpoint(Store(served.store), src, "renamed")
+    with (
+        ParamClient(served.target) as c,
+        pytest.raises(InvalidInputError, match=r"has no expert shards.*NAMING"),
+    ):
+        load_lazy_model(c, "renamed", budget_bytes=10**9)
+
+
 def test_unsupported_family_is_refused() -> None:
     assert family_for("mixtral") is FAMILIES[0]
     with pytest.raises(

@@ -234,3 +234,121 @@ def test_export_refuses_non_empty_destination(
     (tmp_path / "busy" / "x").touch()
     with pytest.raises(InvalidInputError, match="not empty"):
         export_checkpoint(store, "m", tmp_path / "busy")
+
+
+def _copy(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> Path:
+    src = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["mixtral-float32"].path, src)
+    return src
+
+
+@pytest.mark.parametrize("what", ["tokenizer.json", "model.safetensors.index.json"])
+def test_links_out_of_the_folder_are_refused(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path, what: str
+) -> None:
+    src = _copy(checkpoints, tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_text('{"private": "not for the fleet"}')
+    shard = next(src.glob("model-*.safetensors"))
+    if what == "tokenizer.json":
+        (src / what).symlink_to(secret)
+        named = src / what
+    else:  # a weight file
+        outside = tmp_path / "outside.safetensors"
+        shard.rename(outside)
+        shard.symlink_to(outside)
+        named = shard
+    store = Store(tmp_path / "store")
+    with pytest.raises(InvalidInputError, match="symbolic link") as e:
+        import_checkpoint(store, src, "m")
+    assert str(named) in str(e.value) and "--follow-links" in str(e.value)
+    assert store.list_models() == []
+    # Links inside the folder are fine, and a trusting caller may follow any.
+    r = import_checkpoint(store, src, "m", follow_links=True)
+    assert r.manifest.version == 1
+
+
+def test_a_link_inside_the_folder_is_fine(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    src = _copy(checkpoints, tmp_path)
+    (src / "real.json").write_text("{}")
+    (src / "tokenizer_config.json").symlink_to("real.json")
+    m = import_checkpoint(Store(tmp_path / "store"), src, "m").manifest
+    assert "tokenizer_config.json" in m.files
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "why"),
+    [
+        ("config.json", "{{{", "not valid JSON"),
+        ("config.json", "[1, 2]", "must be a JSON object"),
+        ("generation_config.json", '{"a": ', "not valid JSON"),
+        ("tokenizer_config.json", "\xff\xfe", "not valid JSON|not UTF-8"),
+    ],
+)
+def test_model_files_that_must_be_json_are_checked_on_import_and_commit(
+    checkpoints: dict[str, Checkpoint],
+    tmp_path: Path,
+    name: str,
+    text: str,
+    why: str,
+) -> None:
+    src = _copy(checkpoints, tmp_path)
+    (src / name).write_bytes(text.encode("latin-1"))
+    store = Store(tmp_path / "store")
+    with pytest.raises(InvalidInputError, match=why) as e:
+        import_checkpoint(store, src, "m")
+    assert repr(name) in str(e.value)
+    assert store.list_models() == []
+    # The same check guards a commit of the file alone (what a client sends).
+    (src / name).write_text("{}")
+    import_checkpoint(store, src, "m")
+    with store.staging() as s:
+        s.add(name, text.encode("latin-1"), is_file=True)
+        with pytest.raises(InvalidInputError, match=why):
+            store.commit("m", 1, s)
+    assert store.head("m") == 1
+
+
+def test_a_checkpoint_without_recognised_experts_warns_or_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    src = tmp_path / "llama"
+    LlamaForCausalLM(cfg).save_pretrained(src)
+    store = Store(tmp_path / "store")
+    with caplog.at_level("WARNING", logger="param_server.checkpoints"):
+        r = import_checkpoint(store, src, "dense")
+    assert set(r.manifest.shards) == {"global", "layers.0.dense", "layers.1.dense"}
+    (warning,) = [rec.getMessage() for rec in caplog.records]
+    assert "no expert tensors recognised" in warning
+    assert "LlamaForCausalLM (llama)" in warning and "dense model" in warning
+    assert "2 layer shard(s) as dense and a global shard" in warning
+    with pytest.raises(InvalidInputError, match="no expert tensors recognised"):
+        import_checkpoint(store, src, "dense2", require_experts=True)
+    assert "dense2" not in store.list_models()
+
+
+def test_an_moe_whose_naming_no_row_knows_is_named_as_such(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    src = tmp_path / "renamed"
+    src.mkdir()
+    shutil.copy(checkpoints["mixtral-float32"].path / "config.json", src)
+    tensors = all_tensors(checkpoints["mixtral-float32"].path)
+    save_file(
+        {k.replace(".experts.", ".specialists."): v for k, v in tensors.items()},
+        src / "model.safetensors",
+    )
+    with pytest.raises(InvalidInputError, match="declares 4 experts per layer"):
+        import_checkpoint(Store(tmp_path / "s"), src, "m", require_experts=True)
