@@ -245,41 +245,98 @@ def weight_of(update: ClientUpdate, spec: TensorSpec, by_tokens: bool) -> float:
     return float(update.num_examples)
 
 
+def contribution_order(update: ClientUpdate) -> tuple[str, int]:
+    """The order contributions are accumulated in: by institution, then node.
+
+    Flower samples nodes and replies arrive in random order; floating-point
+    sums depend on their order, so without a fixed one the same inputs could
+    give different weights.
+    """
+    return (update.institution, update.node_id)
+
+
 def sparse_average(
     updates: Sequence[ClientUpdate], layout: Layout
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(wire key, averaged tensor) for every tensor at least one client sent.
 
-    One tensor at a time, accumulated in float32 (float64 for float64
-    tensors) and rounded once to the stored dtype: a tensor only one client
-    sent comes back bit-exact. Expert tensors are weighted by routed tokens
-    when every contributor reported them (and they sum to more than zero),
-    otherwise everything is weighted by example counts.
+    One tensor at a time: the weighted sum is accumulated in float64 over the
+    contributions in `contribution_order` (so the result never depends on the
+    order replies arrived in), divided once, and rounded once to the stored
+    dtype by `round_mean`. A tensor only one client sent comes back
+    bit-exact. Expert tensors are weighted by routed tokens when every
+    contributor reported them (and they sum to more than zero), otherwise
+    everything is weighted by example counts.
+
+    Rounding guarantee: for bfloat16 and float16 the result is the correctly
+    rounded (half to even) weighted mean; their products with integer
+    weights and sums are exact in float64 unless one element's contributions
+    span more than ~2^40 in magnitude. For float32 it is the correctly rounded
+    mean whenever the float64 sum is exact, and otherwise within one ulp of
+    it. float64 tensors are accumulated in float64 (within a few ulps), and
+    float8 ones rounded through float32 (within one ulp).
     """
-    keys = sorted({k for u in updates for k in u.tensors})
+    ordered = sorted(updates, key=contribution_order)
+    keys = sorted({k for u in ordered for k in u.tensors})
     for key in keys:
         spec = layout.specs[key]
-        senders = [u for u in updates if key in u.tensors]
+        senders = [u for u in ordered if key in u.tensors]
         by_tokens = spec.expert is not None and all(
             spec.expert in u.expert_tokens for u in senders
         )
         weights = [weight_of(u, spec, by_tokens) for u in senders]
-        total = sum(weights)
-        if by_tokens and total <= 0:
+        if by_tokens and sum(weights) <= 0:
             weights = [float(u.num_examples) for u in senders]
-            total = sum(weights)
         first = senders[0].tensors[key]
         if len(senders) == 1:
             yield key, first.clone()
             continue
-        acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        if first.dtype == acc_dtype:
-            acc = torch.mul(first, weights[0] / total)  # never writes the reply
-        else:
-            acc = first.to(acc_dtype, copy=True).mul_(weights[0] / total)
+        if not first.is_floating_point():
+            raise InvalidInputError(
+                f"tensor {key!r} of dtype {first.dtype} cannot be averaged"
+            )
+        acc = first.to(torch.float64, copy=True).mul_(weights[0])
         for u, w in zip(senders[1:], weights[1:], strict=True):
-            acc.add_(u.tensors[key], alpha=w / total)
-        yield key, acc if acc.dtype == first.dtype else acc.to(first.dtype)
+            acc.add_(u.tensors[key].to(torch.float64), alpha=w)
+        yield key, round_mean(acc, math.fsum(weights), first.dtype)
+
+
+def round_mean(total: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """`total / weight` rounded once to `dtype`, half to even.
+
+    `total` is a float64 weighted sum. Dividing in float64 rounds once, and
+    converting to a narrower float may round through float32 first: either
+    can land exactly on a midpoint between two `dtype` values that the exact
+    quotient is not on, and rounding half to even then picks the wrong one
+    (or a value that cancels to exactly 0 comes out as a tiny residue). So
+    the result is checked against the midpoints around it, compared as
+    `total` against `midpoint * weight`: products of a midpoint (one bit
+    more than `dtype` has) and an integer weight are exact in float64, so
+    the comparison is exact whenever `total` is.
+    """
+    mean = total / weight
+    if dtype not in _BITS:  # float64 itself; float8 (rounded via float32)
+        return mean if dtype == torch.float64 else mean.float().to(dtype)
+    r = mean.to(dtype)
+    up = torch.nextafter(r, torch.full_like(r, math.inf))
+    down = torch.nextafter(r, torch.full_like(r, -math.inf))
+    rd = r.double()
+    mid_up = (rd + up.double()) * 0.5 * weight
+    mid_down = (rd + down.double()) * 0.5 * weight
+    # Past a midpoint: the neighbour is nearer. On one: the even of the two.
+    odd = (r.view(_BITS[dtype]) & 1).bool()
+    go_up = (total > mid_up) | ((total == mid_up) & odd)
+    go_down = (total < mid_down) | ((total == mid_down) & odd)
+    return torch.where(go_up, up, torch.where(go_down, down, r))
+
+
+# Narrower floats whose neighbours torch can step to, with the integer type
+# of the same width (the last bit of an encoding is the last significand bit).
+_BITS = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+}
 
 
 def merge_into_record(

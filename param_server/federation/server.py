@@ -31,6 +31,7 @@ from param_server.federation.aggregate import (
     Rejection,
     UpdateRejectedError,
     all_finite,
+    contribution_order,
     institution_of,
     parse_reply,
 )
@@ -293,6 +294,13 @@ class Federation:
                 continue
             updates.append(u)
             valid_msgs.append(msg)
+        # Replies arrive in random order; Flower's strategies sum in the
+        # order they are given, so fix it (ours sorts by the same key).
+        order = sorted(
+            range(len(updates)), key=lambda i: contribution_order(updates[i])
+        )
+        updates = [updates[i] for i in order]
+        valid_msgs = [valid_msgs[i] for i in order]
         result = RoundResult(
             rnd,
             None,

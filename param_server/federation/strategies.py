@@ -29,6 +29,9 @@ from param_server.federation import protocol
 from param_server.federation.aggregate import (
     ClientUpdate,
     Layout,
+    Rejection,
+    UpdateRejectedError,
+    institution_of,
     merge_into_record,
     parse_reply,
     sparse_average,
@@ -53,6 +56,7 @@ class SparseFedAvg(FedAvg):
         self._current: ArrayRecord | None = None
         self._current_tensors: dict[str, torch.Tensor] = {}
         self.last_changed: list[str] = []
+        self.last_rejected: list[Rejection] = []
 
     def set_model(
         self, layout: Layout, arrays: ArrayRecord, tensors: dict[str, torch.Tensor]
@@ -102,27 +106,44 @@ class SparseFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's entry point: validates each reply as the project's own
+        round does (a client error, NaN/Inf, unknown tensors, wrong shapes or
+        dtypes), leaves the bad ones out (listed in `last_rejected`) and
+        averages the rest; nothing when fewer than `min_train_nodes` remain.
+        """
         if self._layout is None:
             raise InvalidInputError("SparseFedAvg: set_model() was never called")
         layout = self._layout
-        updates = []
+        updates: list[ClientUpdate] = []
+        self.last_rejected = []
         for msg in replies:
-            if msg.has_error():
+            try:
+                updates.append(
+                    parse_reply(
+                        msg,
+                        layout,
+                        self._current_tensors,
+                        sent_dtypes={k: s.dtype for k, s in layout.specs.items()},
+                    )
+                )
+            except UpdateRejectedError as e:
+                r = Rejection(msg.metadata.src_node_id, institution_of(msg), str(e))
                 logger.warning(
-                    "round %d: node %d failed: %s",
+                    "round %d: rejected the update of %s (node %d): %s",
                     server_round,
-                    msg.metadata.src_node_id,
-                    msg.error.reason,
+                    r.institution,
+                    r.node_id,
+                    r.reason,
                 )
-                continue
-            updates.append(
-                parse_reply(
-                    msg,
-                    layout,
-                    self._current_tensors,
-                    sent_dtypes={k: s.dtype for k, s in layout.specs.items()},
-                )
+                self.last_rejected.append(r)
+        if len(updates) < self.min_train_nodes:
+            logger.warning(
+                "round %d: only %d valid update(s), %d needed; no aggregate",
+                server_round,
+                len(updates),
+                self.min_train_nodes,
             )
+            return None, None
         return self.aggregate_updates(updates)
 
 

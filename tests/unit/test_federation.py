@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,7 @@ def test_expert_tensors_are_weighted_by_routed_tokens_when_all_report_them() -> 
     assert torch.allclose(out["e0.w"], torch.full((3,), 9.0))
 
 
-def test_bf16_is_averaged_in_fp32_and_a_single_sender_comes_back_bit_exact() -> None:
+def test_bf16_is_averaged_once_and_a_single_sender_comes_back_bit_exact() -> None:
     x = torch.tensor([1.0039062, -3.3e-3], dtype=torch.bfloat16)
     out = dict(sparse_average([_update(2, {"e2.w": x})], _layout()))
     assert out["e2.w"].dtype == torch.bfloat16
@@ -207,6 +208,94 @@ def test_bf16_is_averaged_in_fp32_and_a_single_sender_comes_back_bit_exact() -> 
     )
     want = ((a.float() + b.float()) / 2).to(torch.bfloat16)
     assert torch.equal(out["e2.w"], want)
+
+
+def test_a_rounds_result_does_not_depend_on_the_order_replies_arrive_in() -> None:
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    updates = [
+        ClientUpdate(
+            node_id=100 - i,
+            institution=f"inst-{i}",
+            num_examples=n,
+            tensors={
+                "dense.w": torch.randn(2, 2, generator=g),
+                "e0.w": torch.randn(3, generator=g) * 10 ** (i - 2),
+            },
+        )
+        for i, n in enumerate((7, 19, 41, 3))
+    ]
+    results = [
+        dict(sparse_average(list(order), _layout()))
+        for order in itertools.permutations(updates)
+    ]
+    for r in results[1:]:
+        assert all(torch.equal(r[k], results[0][k]) for k in results[0])
+
+
+def _exact_rounding(q: Fraction, dtype: torch.dtype) -> float:
+    """The `dtype` value nearest to `q`, ties to the even one, by exact maths."""
+    r = torch.tensor(float(q), dtype=torch.float64).to(dtype)
+    cands = [
+        r,
+        torch.nextafter(r, torch.tensor(math.inf, dtype=dtype)),
+        torch.nextafter(r, torch.tensor(-math.inf, dtype=dtype)),
+    ]
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+
+    def rank(c: torch.Tensor) -> tuple[Fraction, int]:
+        return abs(Fraction(float(c)) - q), int(c.view(bits)) & 1
+
+    return float(min(cands, key=rank))
+
+
+def test_the_issue_s_bf16_tie_rounds_half_to_even() -> None:
+    values = (0.032958984375, -0.01275634765625, -0.043701171875)
+    updates = [
+        _update(n, {"e2.w": torch.tensor([v, -v], dtype=torch.bfloat16)})
+        for v, n in zip(values, (7, 19, 41), strict=True)
+    ]
+    out = dict(sparse_average(updates, _layout()))["e2.w"]
+    # The exact mean is the tie -0.02691650390625.
+    assert out.tolist() == [-0.02685546875, 0.02685546875]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_means_are_correctly_rounded(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(11)
+    n = 3000
+    base = torch.randn(n, generator=g).to(dtype)
+    xs = [
+        # Close values (ties and near-ties are frequent), exact cancellations,
+        # and values of very different magnitudes.
+        base,
+        (base.float() + torch.randint(-2, 3, (n,), generator=g) * 2e-3).to(dtype),
+        -base,
+        (torch.randn(n, generator=g) * 100).to(dtype),
+    ]
+    xs[3][: n // 3] = 0  # where it sends zeros, pairs 0 and 2 cancel exactly
+    weights = (5, 7, 5, 2)
+    spec = TensorSpec("x", "global", "x", "F", (n,), None)
+    updates = [
+        ClientUpdate(node_id=i, institution=f"i{i}", num_examples=w, tensors={"x": x})
+        for i, (x, w) in enumerate(zip(xs, weights, strict=True))
+    ]
+    out = dict(sparse_average(updates, Layout({"x": spec})))["x"]
+    assert out.dtype == dtype
+    total = sum(weights)
+    for j in range(n):
+        q = (
+            sum(
+                (Fraction(float(x[j])) * w for x, w in zip(xs, weights, strict=True)),
+                Fraction(0),
+            )
+            / total
+        )
+        want = _exact_rounding(q, dtype)
+        assert float(out[j]) == want, (j, [float(x[j]) for x in xs], q)
+        if q == 0:
+            assert float(out[j]) == 0.0
 
 
 def test_merge_keeps_untouched_arrays_as_the_same_objects() -> None:
@@ -228,6 +317,7 @@ def _reply(
     *,
     n: float = 4,
     institution: str = "hospital-a",
+    node: int = 7,
     **metrics: float | list[float],
 ) -> Message:
     rec = ArrayRecord()
@@ -240,7 +330,7 @@ def _reply(
             protocol.CLIENT: ConfigRecord({protocol.INSTITUTION: institution}),
         }
     )
-    md = Metadata(7, "", 7, 1, "", "", 0.0, 60.0, MessageType.TRAIN)
+    md = Metadata(7, "", node, 1, "", "", 0.0, 60.0, MessageType.TRAIN)
     return make_message(md, content)
 
 
@@ -284,6 +374,29 @@ def test_bad_updates_are_rejected_with_the_reason(
 ) -> None:
     with pytest.raises(UpdateRejectedError, match=reason):
         _parse(_reply(arrays), **kw)
+
+
+def test_sparse_fedavg_as_a_stock_strategy_leaves_a_nan_reply_out() -> None:
+    """Flower's entry point behaves like the project's own round path."""
+    from param_server.federation.strategies import SparseFedAvg
+
+    strategy = SparseFedAvg(min_train_nodes=2)
+    current = _current()
+    strategy.set_model(_layout(), wire.to_record(current), current)
+    replies = [
+        _reply({"e0.w": torch.full((3,), 1.0)}, n=1, institution="a", node=1),
+        _reply({"e0.w": torch.tensor([1.0, math.nan, 0.0])}, institution="b", node=2),
+        _reply({"e0.w": torch.full((3,), 4.0)}, n=2, institution="c", node=3),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    assert wire.from_array(arrays["e0.w"]).tolist() == [3.0, 3.0, 3.0]
+    assert metrics[protocol.NUM_EXAMPLES] == 3
+    (rejected,) = strategy.last_rejected
+    assert (rejected.node_id, rejected.institution) == (2, "b")
+    assert "NaN/Inf" in rejected.reason
+    # Fewer valid replies than min_train_nodes: no aggregate, no exception.
+    assert strategy.aggregate_train(2, replies[:2]) == (None, None)
 
 
 @pytest.mark.parametrize(
