@@ -326,15 +326,35 @@ class ParamClient:
 
     def get_manifest(self, model: str, version: int | None = None) -> Manifest:
         """The manifest of `version` (HEAD when None)."""
-        r = self._retry(
-            f"manifest of {model}@{version or 'HEAD'}",
+        what = f"manifest of {model}@{version or 'HEAD'}"
+        r: pb.Manifest = self._retry(
+            what,
             lambda: self._stubs[0].GetManifest(
                 pb.GetManifestRequest(model=model, version=version or 0),
                 timeout=self.timeout,
                 metadata=self._md,
             ),
         )
-        return Manifest.from_proto(r)
+        return self._all_pages(r)
+
+    def _all_pages(self, first: pb.Manifest) -> Manifest:
+        """The whole manifest from its first page: a manifest too large for
+        one message under gRPC's default limit comes in pages."""
+        token = first.next_page_token
+        while token:
+            req = pb.GetManifestRequest(
+                model=first.model, version=first.version, page_token=token
+            )
+            more: pb.Manifest = self._retry(
+                f"manifest of {first.model}@{first.version}",
+                lambda req=req: self._stubs[0].GetManifest(  # type: ignore[misc]
+                    req, timeout=self.timeout, metadata=self._md
+                ),
+            )
+            first.shards.extend(more.shards)
+            first.changed.extend(more.changed)
+            token = more.next_page_token
+        return Manifest.from_proto(first)
 
     def announce_url(self) -> str | None:
         """The Redis URL the server announces versions on (None when it does not).
@@ -736,7 +756,7 @@ class ParamClient:
             only_busy=True,
         )
         return CommitResult(
-            Manifest.from_proto(r.manifest), r.blobs_written, r.bytes_written
+            self._all_pages(r.manifest), r.blobs_written, r.bytes_written
         )
 
     def rollback(

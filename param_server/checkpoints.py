@@ -278,10 +278,12 @@ def import_checkpoint(
     files = sorted(set(mapped.values())) or [src / "model.safetensors"]
     # Validate every header strictly first: a corrupt file fails before any write.
     names_in: dict[Path, list[str]] = {}
+    total = 0  # tensor bytes: what the progress bar counts
     for f in files:
         with open(f, "rb") as fh:
             header = read_header(fh, f.stat().st_size, str(f))
         names_in[f] = [t.name for t in header.tensors]
+        total += sum(t.end - t.begin for t in header.tensors)
     location = {n: f for f, ns in names_in.items() for n in ns}
     for name, f in mapped.items():
         if location.get(name) != f:
@@ -307,7 +309,6 @@ def import_checkpoint(
             parent = store.head(model)
         except NotFoundError:
             parent = 0
-    total = sum(f.stat().st_size for f in files)
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
         staging = stack.enter_context(store.staging())
@@ -351,6 +352,7 @@ def import_checkpoint(
                 stage(key, {n: t[e] for n, t in whole.items()}, sorted(whole))
         for p in model_files:
             staging.add(p.name, p.read_bytes(), is_file=True)
+        bar.close()  # before the commit logs: a line never lands inside the bar
         meta = {"source": "huggingface", **(metadata or {})}
         return store.commit(
             model,

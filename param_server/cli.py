@@ -199,14 +199,28 @@ def client_options(fn: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
-    default="info",
-    show_default=True,
+    default=None,
     type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level [default: info for serve, which logs what it does; warning "
+    "for the other commands, which print their own results].",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log at info level, libraries' (Flower, Ray, transformers) chatter "
+    "and progress bars included.",
 )
 @click.version_option(package_name="moe-param-server")
-def main(log_level: str) -> None:
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None, verbose: bool) -> None:
     """Versioned, content-addressed parameter server for Mixture-of-Experts models."""
+    if log_level is None:
+        log_level = (
+            "info" if verbose or ctx.invoked_subcommand == "serve" else "warning"
+        )
     _setup_logging(log_level)
+    ctx.obj = {"verbose": verbose}
 
 
 @main.command()
@@ -849,12 +863,22 @@ def _fleet_table(nodes: list[Any], heads: dict[str, int | None], now: float) -> 
     help="Federated rounds at the end (0 skips the federation part).",
 )
 @engine_option("simulation")
+@click.pass_context
 @_handle_errors
 def demo(
-    store: Path | None, layers: int, experts: int, hidden: int, rounds: int, engine: str
+    ctx: click.Context,
+    store: Path | None,
+    layers: int,
+    experts: int,
+    hidden: int,
+    rounds: int,
+    engine: str,
 ) -> None:
     """The whole loop on this machine: daemon, import, lazy fetches, live hot
-    swaps, then institutions training together while live nodes swap each round in."""
+    swaps, then institutions training together while live nodes swap each round in.
+
+    It prints each step; `param-server -v demo` shows the libraries' logs too.
+    """
     from param_server.demo import run_demo
 
     run_demo(
@@ -864,6 +888,7 @@ def demo(
         hidden=hidden,
         rounds=rounds,
         engine=engine,
+        verbose=bool((ctx.obj or {}).get("verbose")),
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import threading
@@ -33,12 +32,20 @@ def run_demo(
     hidden: int,
     rounds: int = 3,
     engine: str = "simulation",
+    verbose: bool = False,
 ) -> None:
     """Builds a tiny Mixtral, serves it, fetches experts, commits and exports;
-    then runs federated rounds that live nodes pick up."""
+    then runs federated rounds that live nodes pick up.
+
+    It prints one line per step; `verbose` adds the libraries' logs and
+    progress bars."""
     from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from loaders.client import ParamClient
+
+    if not verbose:
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     say = click.echo
     with tempfile.TemporaryDirectory(prefix="param-server-demo-") as tmp:
@@ -74,7 +81,11 @@ def run_demo(
             )
             t = time.perf_counter()
             r = import_checkpoint(
-                Store(store), ckpt, "tiny-mixtral", progress=True, message="demo import"
+                Store(store),
+                ckpt,
+                "tiny-mixtral",
+                progress=verbose,
+                message="demo import",
             )
             m = r.manifest
             say(
@@ -96,7 +107,7 @@ def run_demo(
                 for f in ckpt.glob("*.safetensors")
                 for n, t in load_file(f).items()
             }
-            for same_host in (False, True):
+            for step, same_host in (("4.", False), ("  ", True)):
                 with ParamClient(daemon.target, same_host=same_host) as client:
                     client.wait_ready()
                     manifest = client.get_manifest("tiny-mixtral")
@@ -113,7 +124,7 @@ def run_demo(
                     s = client.stats
                     how = "mapped same-host" if same_host else "streamed over gRPC"
                     say(
-                        f"4. fetched {len(shards)} experts {how}: "
+                        f"{step} fetched {len(shards)} experts {how}: "
                         f"{(s.bytes_streamed + s.bytes_mapped) / 2**20:.2f} MiB in "
                         f"{dt * 1000:.1f} ms, bit-exact to the checkpoint: {ok}"
                     )
@@ -247,9 +258,6 @@ def _federated_rounds(
     from loaders.models import LazyModel, load_lazy_model
     from param_server.federation.config import FederationConfig
 
-    # The demo speaks for itself: keep Flower's and Ray's own chatter out of it.
-    for name in ("flwr", "alembic", "param_server.federation", "fed_clients"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     task = make_task(work / "fed-task")

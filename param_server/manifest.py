@@ -38,6 +38,19 @@ class ShardEntry:
     size: int
     tensors: tuple[TensorInfo, ...]
 
+    def to_proto(self) -> pb.ShardEntry:
+        return pb.ShardEntry(
+            key=self.key,
+            digest=self.digest,
+            size=self.size,
+            tensors=[
+                pb.TensorInfo(
+                    name=t.name, dtype=t.dtype, shape=list(t.shape), stacked=t.stacked
+                )
+                for t in self.tensors
+            ],
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
@@ -158,7 +171,8 @@ class Manifest:
 
     # --- protobuf (on the wire) -----------------------------------------------
 
-    def to_proto(self) -> pb.Manifest:
+    def to_proto(self, *, shards: bool = True) -> pb.Manifest:
+        """The wire form; without `shards`, only provenance and files."""
         return pb.Manifest(
             model=self.model,
             version=self.version,
@@ -167,28 +181,12 @@ class Manifest:
             author=self.author,
             message=self.message,
             metadata_json=json.dumps(self.metadata),
-            changed=list(self.changed),
+            changed=list(self.changed) if shards else [],
             files=[
                 pb.FileEntry(name=f.name, digest=f.digest, size=f.size)
                 for f in self.files.values()
             ],
-            shards=[
-                pb.ShardEntry(
-                    key=s.key,
-                    digest=s.digest,
-                    size=s.size,
-                    tensors=[
-                        pb.TensorInfo(
-                            name=t.name,
-                            dtype=t.dtype,
-                            shape=list(t.shape),
-                            stacked=t.stacked,
-                        )
-                        for t in s.tensors
-                    ],
-                )
-                for s in self.shards.values()
-            ],
+            shards=[s.to_proto() for s in self.shards.values()] if shards else [],
         )
 
     @classmethod

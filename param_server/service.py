@@ -43,6 +43,7 @@ from param_server.errors import (
     StoreIOError,
     UnavailableError,
 )
+from param_server.manifest import Manifest
 from param_server.names import check_model_name, check_shard_key
 from param_server.redis_server import EmbeddedRedis
 from param_server.security import (
@@ -233,6 +234,52 @@ def parse_bytes_field(msg: bytes, field_number: int) -> memoryview | None:
     return memoryview(msg)[i:]
 
 
+def manifest_page(
+    manifest: Manifest,
+    *,
+    page_size: int = 0,
+    after: str = "",
+    max_bytes: int = CHUNK_BYTES,
+) -> pb.Manifest:
+    """One reply of GetManifest: the whole manifest when it fits (and no
+    smaller page was asked for), else the shards after `after` (by key) that
+    fit in `max_bytes` and `page_size`, with a token for the rest."""
+    if page_size == 0 and not after:
+        whole = manifest.to_proto()
+        if whole.ByteSize() <= max_bytes:
+            return whole
+    page = manifest.to_proto(shards=False)
+    budget = max_bytes - page.ByteSize() - 64  # 64: the token
+    changed = set(manifest.changed)
+    keys = sorted(k for k in manifest.shards if k > after)
+    for taken, key in enumerate(keys):
+        entry = manifest.shards[key].to_proto()
+        cost = entry.ByteSize() + 6 + (len(key) + 3 if key in changed else 0)
+        if taken and (cost > budget or taken == page_size):
+            page.next_page_token = f"{manifest.version}:{keys[taken - 1]}"
+            break
+        page.shards.append(entry)
+        if key in changed:
+            page.changed.append(key)
+        budget -= cost
+    return page
+
+
+def _parse_page_token(token: str, version: int) -> tuple[int, str]:
+    """(version, last key) from a next_page_token."""
+    v, sep, after = token.partition(":")
+    if not sep or not v.isdigit() or not after:
+        raise InvalidInputError(
+            f"page_token {token[:80]!r} is not one this server gave; start again "
+            "without a page_token"
+        )
+    if version and version != int(v):
+        raise InvalidInputError(
+            f"page_token is for version {v}, but version {version} was asked for"
+        )
+    return int(v), check_shard_key(after)
+
+
 def _abort(context: grpc.ServicerContext, e: ParamServerError) -> None:
     code = status_for(e)
     logger.log(
@@ -399,9 +446,13 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
 
     @_rpc(Role.READER)
     def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.Manifest:
-        return self.store.get_manifest(
-            request.model, request.version or None
-        ).to_proto()
+        if request.page_size < 0:
+            raise InvalidInputError(f"page_size must be >= 0, got {request.page_size}")
+        version, after = request.version or None, ""
+        if request.page_token:
+            version, after = _parse_page_token(request.page_token, request.version)
+        manifest = self.store.get_manifest(request.model, version)
+        return manifest_page(manifest, page_size=request.page_size, after=after)
 
     @_rpc(Role.READER)
     def ListVersions(
@@ -538,7 +589,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             )
         self._announce()
         return pb.CommitResponse(
-            manifest=result.manifest.to_proto(),
+            manifest=manifest_page(result.manifest),  # the rest by GetManifest
             blobs_written=result.blobs_written,
             bytes_written=result.bytes_written,
         )

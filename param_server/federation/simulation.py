@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from param_server.federation.config import FederationConfig
@@ -46,6 +47,27 @@ def _start_ray(init_args: dict[str, str | bool], attempts: int = 3) -> None:
             )
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def quiet_flower(enabled: bool = True) -> Iterator[None]:
+    """Keeps Flower's own chatter (its DEBUG/INFO lines, which the simulation
+    engine turns on, and `run_simulation`'s deprecation notice) out of the
+    output while enabled; its errors still show.
+
+    A filter on Flower's logger, not a level: the engine resets the level.
+    """
+    flwr_logger = logging.getLogger("flwr")
+    if enabled:
+        flwr_logger.addFilter(_below_error)
+    try:
+        yield
+    finally:
+        flwr_logger.removeFilter(_below_error)
+
+
 def run_simulation_rounds(
     config: FederationConfig,
     data_root: str,
@@ -59,7 +81,15 @@ def run_simulation_rounds(
 
     Each virtual SuperNode is the institution of the task at `data_root`
     that its partition id picks (`client_app` replaces our ClientApp, e.g. to
-    inject faults). Returns what each round did.
+    inject faults). Returns what each round did. Flower's own log lines show
+    only when the root logger is at INFO or below.
+
+    This uses Flower's in-process `run_simulation`, which Flower marks as
+    deprecated in favour of `flwr run` against a SuperLink started with
+    `--simulation`. That path runs the ServerApp in a subprocess, which would
+    lose `on_round` and `client_app` (the hooks the demo and the fault tests
+    use); `flwr run` is what the deployment engine (`deploy.LocalDeployment`)
+    runs.
     """
     from flwr.simulation import run_simulation
 
@@ -77,15 +107,16 @@ def run_simulation_rounds(
         "log_to_driver": False,
     }
     _start_ray(init_args)
-    run_simulation(
-        server_app=make_server_app(config, on_round=note),
-        client_app=client_app or make_client_app(data_root),
-        num_supernodes=num_institutions,
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-            "init_args": {**init_args},
-        },
-    )
+    with quiet_flower(logging.getLogger().getEffectiveLevel() > logging.INFO):
+        run_simulation(
+            server_app=make_server_app(config, on_round=note),
+            client_app=client_app or make_client_app(data_root),
+            num_supernodes=num_institutions,
+            backend_config={
+                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                "init_args": {**init_args},
+            },
+        )
     if len(results) != config.num_rounds:
         raise RuntimeError(
             f"the simulation ran {len(results)} of {config.num_rounds} rounds; "

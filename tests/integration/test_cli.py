@@ -212,6 +212,24 @@ def test_shard_sizes_take_decimal_and_binary_units() -> None:
     assert parse_size("2000000") == 2 * 10**6
 
 
+def test_commands_print_their_result_once(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    src = checkpoints["mixtral-float32"].path
+    store = str(tmp_path / "s")
+    p = subprocess.run(  # default log level, as a user types it
+        [
+            *(sys.executable, "-m", "param_server.cli", "import", str(src)),
+            *("--model", "m", "--store", store, "--no-progress"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("m@1: ") and p.stderr == ""
+
+
 def test_import_of_a_corrupt_checkpoint(
     checkpoints: dict[str, Checkpoint], tmp_path: Path
 ) -> None:
@@ -235,7 +253,30 @@ def test_unreachable_server(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end() -> None:
-    p = cli("demo", "--layers", "2", "--experts", "4", "--hidden", "64", check=True)
+    # As a newcomer runs it: no --log-level, output piped.
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "param_server.cli",
+            "demo",
+            "--layers",
+            "2",
+            "--experts",
+            "4",
+            "--hidden",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    # The story and nothing else: no library logs, bars or colour codes.
+    assert p.stderr == "", p.stderr[-3000:]
+    assert "\x1b[" not in p.stdout and "DEPRECATED" not in p.stdout
+    steps = [ln.split(".")[0] for ln in p.stdout.splitlines() if ln[:1].isdigit()]
+    assert steps == [str(i) for i in range(1, 15)]
     assert (
         "logits are identical" in p.stdout
         and "bit-exact to the checkpoint: True" in p.stdout

@@ -352,3 +352,29 @@ def test_an_moe_whose_naming_no_row_knows_is_named_as_such(
     )
     with pytest.raises(InvalidInputError, match="declares 4 experts per layer"):
         import_checkpoint(Store(tmp_path / "s"), src, "m", require_experts=True)
+
+
+def test_the_import_bar_reaches_100_percent_before_the_commit_is_logged(
+    checkpoints: dict[str, Checkpoint],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    store_log = logging.getLogger("param_server.store")
+    store_log.addHandler(handler)
+    store_log.setLevel(logging.INFO)
+    try:
+        src = checkpoints["qwen3_moe-bfloat16"].path
+        import_checkpoint(Store(tmp_path / "s"), src, "m", progress=True)
+    finally:
+        store_log.removeHandler(handler)
+        store_log.setLevel(logging.NOTSET)
+    err = capsys.readouterr().err
+    bar, _, after = err.rpartition("committed m@1")
+    last = bar.split("\r")[-1]
+    assert "100%" in last, last
+    assert bar.endswith("\n"), "the log line landed inside the bar"
+    assert after

@@ -41,7 +41,7 @@ class FileEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("model", "version", "parent", "created_at", "author", "message", "metadata_json", "shards", "files", "changed")
+    __slots__ = ("model", "version", "parent", "created_at", "author", "message", "metadata_json", "shards", "files", "changed", "next_page_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Manifest(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     parent: int
@@ -62,7 +63,8 @@ class Manifest(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ShardEntry]
     files: _containers.RepeatedCompositeFieldContainer[FileEntry]
     changed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., parent: _Optional[int] = ..., created_at: _Optional[str] = ..., author: _Optional[str] = ..., message: _Optional[str] = ..., metadata_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEntry, _Mapping]]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., parent: _Optional[int] = ..., created_at: _Optional[str] = ..., author: _Optional[str] = ..., message: _Optional[str] = ..., metadata_json: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardEntry, _Mapping]]] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., changed: _Optional[_Iterable[str]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
     __slots__ = ("version", "parent", "created_at", "author", "message", "pinned", "head", "num_changed")
@@ -95,12 +97,16 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetManifestRequest(_message.Message):
-    __slots__ = ("model", "version")
+    __slots__ = ("model", "version", "page_size", "page_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ("model",)
