@@ -295,10 +295,21 @@ def sparse_average(
             raise InvalidInputError(
                 f"tensor {key!r} of dtype {first.dtype} cannot be averaged"
             )
-        acc = first.to(torch.float64, copy=True).mul_(weights[0])
-        for u, w in zip(senders[1:], weights[1:], strict=True):
-            acc.add_(u.tensors[key].to(torch.float64), alpha=w)
-        yield key, round_mean(acc, math.fsum(weights), first.dtype)
+        total = math.fsum(weights)
+        out = torch.empty_like(first)
+        flat_out = out.view(-1)
+        flats = [u.tensors[key].reshape(-1) for u in senders]
+        # In chunks: the float64 work stays a few MiB whatever the tensor size.
+        for lo in range(0, first.numel(), _CHUNK):
+            hi = min(lo + _CHUNK, first.numel())
+            acc = flats[0][lo:hi].to(torch.float64, copy=True).mul_(weights[0])
+            for flat, w in zip(flats[1:], weights[1:], strict=True):
+                acc.add_(flat[lo:hi].to(torch.float64), alpha=w)
+            flat_out[lo:hi] = round_mean(acc, total, first.dtype)
+        yield key, out
+
+
+_CHUNK = 1 << 20  # elements averaged at a time (8 MiB of float64)
 
 
 def round_mean(total: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:

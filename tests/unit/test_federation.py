@@ -298,6 +298,19 @@ def test_low_precision_means_are_correctly_rounded(dtype: torch.dtype) -> None:
             assert float(out[j]) == 0.0
 
 
+def test_averaging_in_chunks_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from param_server.federation import aggregate
+
+    g = torch.Generator().manual_seed(5)
+    updates = [
+        _update(n, {"dense.w": torch.randn(2, 2, generator=g)}) for n in (3, 5, 9)
+    ]
+    whole = dict(sparse_average(updates, _layout()))["dense.w"]
+    monkeypatch.setattr(aggregate, "_CHUNK", 3)  # 4 elements: chunks of 3 and 1
+    chunked = dict(sparse_average(updates, _layout()))["dense.w"]
+    assert torch.equal(whole, chunked) and chunked.shape == (2, 2)
+
+
 def test_merge_keeps_untouched_arrays_as_the_same_objects() -> None:
     current = wire.to_record(_current())
     merged, changed = merge_into_record(
