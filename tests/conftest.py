@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +114,27 @@ def redis_srv() -> Iterator[EmbeddedRedis]:
     """A real redis-server on a free loopback port (not restarted when killed)."""
     with EmbeddedRedis(supervise=False).start() as r:
         yield r
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `where` (needs root; the test is
+    skipped otherwise), unmounted afterwards."""
+    where.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount_read_only(mnt: Path) -> None:
+    """Makes a tmpfs from `tmpfs` read-only (the test is skipped if it cannot)."""
+    r = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount read-only here: {r.stderr.decode().strip()}")

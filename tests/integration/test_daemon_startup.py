@@ -19,6 +19,7 @@ from loaders.client import ParamClient
 from param_server.daemon import spawn_daemon
 from param_server.errors import ReadOnlyStoreError
 from param_server.store import Store
+from tests.conftest import remount_read_only, tmpfs
 from tests.helpers import raw_safetensors, wait_until
 
 pytestmark = pytest.mark.integration
@@ -162,18 +163,8 @@ def test_read_only_flag_serves_reads_and_refuses_writes(tmp_path: Path) -> None:
 
 @pytest.fixture
 def read_only_mount(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-        capture_output=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "mnt", "8m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_store_on_a_read_only_file_system_is_served(read_only_mount: Path) -> None:
@@ -182,11 +173,7 @@ def test_a_store_on_a_read_only_file_system_is_served(read_only_mount: Path) -> 
         s.add("global", raw_safetensors({"w": b"abc"}))
         store.commit("m", 0, s)
     store.close()
-    r = subprocess.run(
-        ["mount", "-o", "remount,ro", str(read_only_mount)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot remount read-only here: {r.stderr.decode().strip()}")
+    remount_read_only(read_only_mount)
     with spawn_daemon(store.root) as d, ParamClient(d.target, same_host=False) as c:
         assert c.get_manifest("m").version == 1
         assert c.fetch_shards("m", ["global"])["global"]["w"].tolist() == [97, 98, 99]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from param_server.errors import (
     StaleParentError,
 )
 from param_server.store import Store
+from tests.conftest import remount_read_only, tmpfs
 from tests.helpers import raw_safetensors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -331,20 +333,10 @@ def test_file_size_limit_mid_commit_keeps_last_version(
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB tmpfs (needs root; skipped otherwise)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-        capture_output=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "mnt", "256k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_fails_clearly_and_keeps_last_version(small_fs: Path) -> None:
@@ -371,11 +363,7 @@ def test_read_only_store_refuses_writes_and_still_reads(small_fs: Path) -> None:
     store = Store(small_fs / "store")
     commit(store, "m", 0, {"global": shard(b"g")})
     store.close()  # no file open for writing, or the remount is refused as busy
-    r = subprocess.run(
-        ["mount", "-o", "remount,ro", str(small_fs)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot remount read-only here: {r.stderr.decode().strip()}")
+    remount_read_only(small_fs)
     with pytest.raises(Exception, match="read-only") as e:
         commit(store, "m", 1, {"global": shard(b"h")})
     assert type(e.value).__name__ == "StoreIOError"
