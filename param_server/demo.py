@@ -258,8 +258,6 @@ def _federated_rounds(
     from loaders.models import LazyModel, load_lazy_model
     from param_server.federation.config import FederationConfig
 
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     task = make_task(work / "fed-task")
     ckpt = write_initial_checkpoint(task, work / "fed-ckpt")
     r = import_checkpoint(Store(store), ckpt, FED_MODEL, message="initial weights")

@@ -102,6 +102,10 @@ def run_simulation_rounds(
         if on_round is not None:
             on_round(r)
 
+    # Ray warns on every start that it will stop overriding accelerator
+    # variables when no GPU is asked for; we ask for none, so say so.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     init_args: dict[str, str | bool] = {
         "logging_level": "ERROR",
         "log_to_driver": False,
