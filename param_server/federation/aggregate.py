@@ -262,22 +262,25 @@ def sparse_average(
 
     One tensor at a time: the weighted sum is accumulated in float64 over the
     contributions in `contribution_order` (so the result never depends on the
-    order replies arrived in), divided once, and rounded once to the stored
-    dtype by `round_mean`. A tensor only one client sent comes back
-    bit-exact. Expert tensors are weighted by routed tokens when every
-    contributor reported them (and they sum to more than zero), otherwise
-    everything is weighted by example counts.
+    order replies arrived in), divided once, and rounded to the stored dtype
+    (`_Workspace.round`). A tensor only one client sent comes back bit-exact.
+    Expert tensors are weighted by routed tokens when every contributor
+    reported them (and they sum to more than zero), otherwise everything is
+    weighted by example counts.
 
-    Rounding guarantee: for bfloat16 and float16 the result is the correctly
-    rounded (half to even) weighted mean; their products with integer
-    weights and sums are exact in float64 unless one element's contributions
-    span more than ~2^40 in magnitude. For float32 it is the correctly rounded
-    mean whenever the float64 sum is exact, and otherwise within one ulp of
-    it. float64 tensors are accumulated in float64 (within a few ulps), and
-    float8 ones rounded through float32 (within one ulp).
+    Rounding guarantee, with integer weights (example or token counts):
+    bfloat16 and float16 results are the correctly rounded (half to even)
+    weighted mean, since their products and sums are exact in float64 unless
+    one element's contributions span more than ~2^40 in magnitude. float32
+    results are the float64 quotient rounded once: the correctly rounded mean
+    except where the exact mean lies within about 2^-50 (relative) of a
+    midpoint between two float32 values, and then one ulp off at most.
+    float64 tensors are accumulated in float64 (within a few ulps), float8
+    ones rounded through float32 (within one ulp).
     """
     ordered = sorted(updates, key=contribution_order)
     keys = sorted({k for u in ordered for k in u.tensors})
+    work = _Workspace()
     for key in keys:
         spec = layout.specs[key]
         senders = [u for u in ordered if key in u.tensors]
@@ -295,47 +298,100 @@ def sparse_average(
             raise InvalidInputError(
                 f"tensor {key!r} of dtype {first.dtype} cannot be averaged"
             )
-        total = math.fsum(weights)
         out = torch.empty_like(first)
-        flat_out = out.view(-1)
-        flats = [u.tensors[key].reshape(-1) for u in senders]
-        # In chunks: the float64 work stays a few MiB whatever the tensor size.
-        for lo in range(0, first.numel(), _CHUNK):
-            hi = min(lo + _CHUNK, first.numel())
-            acc = flats[0][lo:hi].to(torch.float64, copy=True).mul_(weights[0])
-            for flat, w in zip(flats[1:], weights[1:], strict=True):
-                acc.add_(flat[lo:hi].to(torch.float64), alpha=w)
-            flat_out[lo:hi] = round_mean(acc, total, first.dtype)
+        work.average(
+            [u.tensors[key].reshape(-1) for u in senders], weights, out.view(-1)
+        )
         yield key, out
 
 
-_CHUNK = 1 << 20  # elements averaged at a time (8 MiB of float64)
+_CHUNK = 1 << 18  # elements averaged at a time (2 MiB of float64)
 
 
-def round_mean(total: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:
-    """`total / weight` rounded once to `dtype`, half to even.
+class _Workspace:
+    """Buffers reused for every chunk of every tensor: a fresh multi-MiB
+    temporary per operation costs more (page faults) than the arithmetic."""
 
-    `total` is a float64 weighted sum. Dividing in float64 rounds once, and
-    converting to a narrower float may round through float32 first: either
-    can land exactly on a midpoint between two `dtype` values that the exact
-    quotient is not on, and rounding half to even then picks the wrong one
-    (or a value that cancels to exactly 0 comes out as a tiny residue). So
-    the result is checked against the midpoints around it, compared as
-    `total` against `midpoint * weight`: products of a midpoint (one bit
-    more than `dtype` has) and an integer weight are exact in float64, so
-    the comparison is exact whenever `total` is.
-    """
-    mean = total / weight
-    if dtype not in _BITS:  # float64 itself; float8 (rounded via float32)
-        return mean if dtype == torch.float64 else mean.float().to(dtype)
-    r = mean.to(dtype)
+    def __init__(self) -> None:
+        self.total = torch.empty(_CHUNK, dtype=torch.float64)
+        self.mean = torch.empty(_CHUNK, dtype=torch.float64)
+        self.q32 = torch.empty(_CHUNK, dtype=torch.float32)
+        self.bits = torch.empty(_CHUNK, dtype=torch.int32)
+        self.flag = torch.empty(_CHUNK, dtype=torch.bool)
+        self.flag2 = torch.empty(_CHUNK, dtype=torch.bool)
+
+    def average(
+        self, flats: list[torch.Tensor], weights: list[float], out: torch.Tensor
+    ) -> None:
+        """out = the weighted mean of `flats`, rounded once (see round_mean)."""
+        weight = math.fsum(weights)
+        for lo in range(0, out.numel(), _CHUNK):
+            hi = min(lo + _CHUNK, out.numel())
+            n = hi - lo
+            total = self.total[:n]
+            total.copy_(flats[0][lo:hi]).mul_(weights[0])
+            for flat, w in zip(flats[1:], weights[1:], strict=True):
+                total.add_(flat[lo:hi], alpha=w)  # in float64: exact products
+            mean = torch.div(total, weight, out=self.mean[:n])
+            self.round(total, weight, mean, out[lo:hi])
+
+    def round(
+        self, total: torch.Tensor, weight: float, mean: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """out = `total / weight` (`mean`, in float64) rounded to out's dtype.
+
+        The float64 quotient is rounded once, and going on to bfloat16 or
+        float16 through float32 rounds again; the result can only differ from
+        the correctly rounded one where one of those roundings lands exactly
+        on a midpoint between two values of out's dtype (every such midpoint
+        is a float32, and rounding is monotone). A bit test finds those few
+        elements; only they get the exact check. float32 results are the
+        float64 quotient rounded once; float8 ones go through float32.
+        """
+        if out.dtype in (torch.float64, torch.float32):
+            out.copy_(mean)
+            return
+        n = mean.numel()
+        q32 = self.q32[:n]
+        q32.copy_(mean)
+        out.copy_(q32)
+        if out.dtype not in (torch.bfloat16, torch.float16):
+            return
+        bits = torch.bitwise_and(
+            q32.view(torch.int32), _LOW[out.dtype], out=self.bits[:n]
+        )
+        suspect = torch.eq(bits, _MIDPOINT[out.dtype], out=self.flag[:n])
+        if out.dtype == torch.float16:  # below its normal range: check all
+            torch.abs(q32, out=q32)
+            torch.logical_or(
+                suspect, torch.lt(q32, 2.0**-14, out=self.flag2[:n]), out=suspect
+            )
+        if int(torch.count_nonzero(suspect)):
+            at = suspect.nonzero(as_tuple=True)
+            out[at] = _exact_rounding(total[at], weight, out[at])
+
+
+# The low float32 bits below a bfloat16 / float16 significand, and their
+# pattern when a float32 lies exactly halfway between two such values.
+_LOW = {torch.bfloat16: 0xFFFF, torch.float16: 0x1FFF}
+_MIDPOINT = {torch.bfloat16: 0x8000, torch.float16: 0x1000}
+
+
+def _exact_rounding(
+    total: torch.Tensor, weight: float, r: torch.Tensor
+) -> torch.Tensor:
+    """Corrects `r`, which is at most one step from the correctly rounded
+    `total / weight`, by comparing `total` with `midpoint * weight` for the
+    midpoints on both sides of it. A midpoint has one bit more than `r`'s
+    dtype and the weights are integers, so the products are exact in float64
+    and the comparison is exact whenever `total` is."""
     up = torch.nextafter(r, torch.full_like(r, math.inf))
     down = torch.nextafter(r, torch.full_like(r, -math.inf))
     rd = r.double()
     mid_up = (rd + up.double()) * 0.5 * weight
     mid_down = (rd + down.double()) * 0.5 * weight
     # Past a midpoint: the neighbour is nearer. On one: the even of the two.
-    odd = (r.view(_BITS[dtype]) & 1).bool()
+    odd = (r.view(_BITS[r.dtype]) & 1).bool()
     go_up = (total > mid_up) | ((total == mid_up) & odd)
     go_down = (total < mid_down) | ((total == mid_down) & odd)
     return torch.where(go_up, up, torch.where(go_down, down, r))
