@@ -215,6 +215,10 @@ def client_options(fn: F) -> F:
 @click.pass_context
 def main(ctx: click.Context, log_level: str | None, verbose: bool) -> None:
     """Versioned, content-addressed parameter server for Mixture-of-Experts models."""
+    if not verbose:
+        # transformers' own bars (writing a tiny model, say) are chatter
+        # between our lines; ours (import, export) have their own switch.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if log_level is None:
         log_level = (
             "info" if verbose or ctx.invoked_subcommand == "serve" else "warning"

@@ -306,6 +306,7 @@ def test_fed_data_and_fed_app_write_a_task_and_a_flower_app(tmp_path: Path) -> N
     )
     assert "a: " in p.stdout and (tmp_path / "task" / "b" / "data.safetensors").exists()
     assert (tmp_path / "init" / "config.json").exists()
+    assert "Writing model shards" not in p.stderr  # transformers' bar: -v only
     cli(
         "fed-app",
         str(tmp_path / "app"),
