@@ -25,14 +25,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from param_server.errors import InvalidInputError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTITUTIONS = ("hospital-a", "hospital-b", "hospital-c")
 _INSTITUTION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-class TaskError(ValueError):
-    """The task folder or an institution's data is missing or malformed."""
+class TaskError(InvalidInputError):
+    """The task folder or an institution's data is missing or malformed (an
+    InvalidInputError, so also a ValueError)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,22 +25,19 @@ from param_server import tensor_codec
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.errors import (
-    AuthenticationError,
+    ERROR_KIND_KEY,
     BusyError,
+    ErrorKind,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
     ParamServerError,
-    PermissionDeniedError,
-    ReadOnlyStoreError,
-    StaleParentError,
-    StoreIOError,
     UnavailableError,
+    kind_for,
 )
 from param_server.manifest import Manifest, VersionInfo
 from param_server.security import AUTH_HEADER, Credentials, is_loopback_host
 from param_server.service import (
-    BUSY,
     CHUNK_BYTES,
     COMMIT_DATA_FIELD,
     FETCH_DATA_FIELD,
@@ -56,35 +53,31 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Buffer = bytearray | mmap.mmap
 
-_ERRORS: dict[grpc.StatusCode, type[ParamServerError]] = {
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
-    grpc.StatusCode.ABORTED: StaleParentError,
-    grpc.StatusCode.DATA_LOSS: IntegrityError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: StoreIOError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.FAILED_PRECONDITION: ReadOnlyStoreError,
-}
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 # How long a client keeps retrying a server that refuses streams as busy.
 BUSY_PATIENCE = 120.0
 
 
+def _kind(e: grpc.RpcError) -> ErrorKind:
+    """The kind of error a failed call is (see errors.ERRORS)."""
+    trailers = e.trailing_metadata() or ()
+    name = next((v for k, v in trailers if k == ERROR_KIND_KEY), None)
+    kind = kind_for(e.code().name, name if isinstance(name, str) else None)
+    if (
+        kind.error is not BusyError
+        and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "Concurrent RPC limit" in (e.details() or "")
+    ):  # grpc's own refusal (maximum_concurrent_rpcs), before our code runs
+        return kind_for("", BusyError.__name__)
+    return kind
+
+
 def _is_busy(e: grpc.RpcError) -> bool:
     """The server refused the call before doing anything, for lack of slots."""
-    details = e.details() or ""
-    return (e.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(BUSY)) or (
-        e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        and "Concurrent RPC limit" in details
-    )
+    return _kind(e).error is BusyError
 
 
 def _error(e: grpc.RpcError, what: str) -> ParamServerError:
-    code = e.code()
-    cls = BusyError if _is_busy(e) else _ERRORS.get(code, ParamServerError)
-    return cls(f"{what}: {code.name}: {e.details()}")
+    return _kind(e).error(f"{what}: {e.code().name}: {e.details()}")
 
 
 def _is_local_target(target: str) -> bool:
@@ -287,7 +280,7 @@ class ParamClient:
                     time.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
-                if only_busy or e.code() not in _RETRYABLE or attempt == self.retries:
+                if only_busy or not _kind(e).retryable or attempt == self.retries:
                     raise _error(e, what) from e
                 attempt += 1
                 with self._stats_lock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import json
 import logging
@@ -18,19 +17,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from param_server.errors import (
-    AuthenticationError,
-    IntegrityError,
+    ExitCode,
     InvalidInputError,
-    ListenError,
-    NotFoundError,
     ParamServerError,
-    PermissionDeniedError,
-    RedisMissingError,
-    RedisStartError,
-    StaleParentError,
-    StoreInUseError,
-    StoreIOError,
     UnavailableError,
+    kind_of,
 )
 from param_server.federation.config import SPARSE_FEDAVG, STRATEGIES
 
@@ -42,42 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_STORE = "./param-store"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
-
-class ExitCode(enum.IntEnum):
-    """Exit statuses; each failure kind has its own."""
-
-    OK = 0
-    ERROR = 1
-    USAGE = 2  # click's own
-    NOT_FOUND = 3
-    INVALID_INPUT = 4
-    STALE_PARENT = 5
-    INTEGRITY = 6
-    STORE_IO = 7
-    UNAVAILABLE = 8
-    REDIS_FAILED = 9
-    ADDRESS_IN_USE = 10
-    REDIS_MISSING = 11
-    UNAUTHENTICATED = 12
-    PERMISSION_DENIED = 13
-    STORE_IN_USE = 14
-
-
-_EXIT: tuple[tuple[type[BaseException], ExitCode], ...] = (
-    (AuthenticationError, ExitCode.UNAUTHENTICATED),
-    (PermissionDeniedError, ExitCode.PERMISSION_DENIED),
-    (NotFoundError, ExitCode.NOT_FOUND),
-    (InvalidInputError, ExitCode.INVALID_INPUT),
-    (StaleParentError, ExitCode.STALE_PARENT),
-    (IntegrityError, ExitCode.INTEGRITY),
-    (StoreIOError, ExitCode.STORE_IO),
-    (ListenError, ExitCode.ADDRESS_IN_USE),
-    (RedisMissingError, ExitCode.REDIS_MISSING),
-    (RedisStartError, ExitCode.REDIS_FAILED),
-    (StoreInUseError, ExitCode.STORE_IN_USE),
-    (UnavailableError, ExitCode.UNAVAILABLE),
-    (ParamServerError, ExitCode.ERROR),
-)
+__all__ = ["ExitCode", "main"]  # exit statuses: the ERRORS table in errors.py
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,7 +46,7 @@ def _handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ParamServerError as e:
-            code = next(c for cls, c in _EXIT if isinstance(e, cls))
+            code = kind_of(e).exit_code
             click.echo(f"error: {e}", err=True)
             sys.exit(code)
 
@@ -931,20 +887,17 @@ def fed_data(
     model_out: Path | None,
 ) -> None:
     """Generate the non-IID learning task (one data file per institution)."""
-    from fed_clients.task import TaskError, make_task, write_initial_checkpoint
+    from fed_clients.task import make_task, write_initial_checkpoint
 
     names = tuple(n.strip() for n in institutions.split(",") if n.strip())
-    try:
-        task = make_task(
-            dest,
-            names,
-            train_docs=train_docs,
-            test_docs=test_docs,
-            own_share=own_share,
-            seed=seed,
-        )
-    except TaskError as e:
-        raise InvalidInputError(str(e)) from e
+    task = make_task(  # its TaskError is an InvalidInputError: exit 4
+        dest,
+        names,
+        train_docs=train_docs,
+        test_docs=test_docs,
+        own_share=own_share,
+        seed=seed,
+    )
     for name in task.institutions:
         click.echo(f"{name}: {task.data_path(name)}")
     if model_out is not None:

@@ -28,20 +28,18 @@ from param_server.announce import Announcer, redact
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.errors import (
-    AuthenticationError,
+    ERROR_KIND_KEY,
     BusyError,
-    IntegrityError,
     InvalidInputError,
     ListenError,
     NotFoundError,
     ParamServerError,
-    PermissionDeniedError,
     ReadOnlyStoreError,
     RedisStartError,
-    StaleParentError,
     StoreInUseError,
     StoreIOError,
-    UnavailableError,
+    kind_of,
+    status_name,
 )
 from param_server.manifest import Manifest
 from param_server.names import check_model_name, check_shard_key
@@ -70,35 +68,14 @@ CHUNK_BYTES = GRPC_DEFAULT_MAX_MESSAGE - 64 * 1024
 # 4 MiB plus framing); our client raises its own limit to this too.
 MAX_MESSAGE_BYTES = GRPC_DEFAULT_MAX_MESSAGE + 64 * 1024
 
-# Typed errors to status codes, most specific first.
-_STATUS: tuple[tuple[type[ParamServerError], grpc.StatusCode], ...] = (
-    (StaleParentError, grpc.StatusCode.ABORTED),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-)
 BUSY = "server busy"
-"""How the details of a refusal for lack of stream slots begin; clients retry it."""
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+"""How the details of a refusal for lack of stream slots begin (for people;
+clients recognise it by its kind, BusyError, in the trailing metadata)."""
 
 
 def status_for(e: ParamServerError) -> grpc.StatusCode:
-    """The gRPC status code for one of our errors."""
-    if isinstance(e, ReadOnlyStoreError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(e, StoreIOError):
-        return (
-            grpc.StatusCode.RESOURCE_EXHAUSTED
-            if e.errno in _FULL
-            else grpc.StatusCode.INTERNAL
-        )
-    for cls, code in _STATUS:
-        if isinstance(e, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The gRPC status code for one of our errors (see errors.ERRORS)."""
+    return grpc.StatusCode[status_name(e)]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -288,6 +265,7 @@ def _abort(context: grpc.ServicerContext, e: ParamServerError) -> None:
         code.name,
         e,
     )
+    context.set_trailing_metadata(((ERROR_KIND_KEY, kind_of(e).error.__name__),))
     context.abort(code, str(e))
 
 

@@ -25,6 +25,7 @@ from param_server.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    SchemaMismatchError,
     StaleParentError,
     UnavailableError,
 )
@@ -165,7 +166,7 @@ def test_schema_mismatch_names_the_tensor(
     t = client.fetch_shards("mx", [key])[key]
     bad = {n: v.to(torch.bfloat16) for n, v in t.items()}
     with pytest.raises(
-        InvalidInputError,
+        SchemaMismatchError,  # its own class, not a plain InvalidInputError
         match=r"INVALID_ARGUMENT.*tensor "
         r"'model\.layers\.0\.block_sparse_moe\.experts\.0\.w\d\.weight' "
         r"is BF16 \[\d+, \d+\] but the parent has F32",
