@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -9,6 +11,8 @@ from typing import Any
 from param_server.errors import InvalidInputError
 
 SPARSE_FEDAVG = "sparse-fedavg"
+CLIENT_KEYS = ("data-root",)
+"""Run config keys the institutions' ClientApp reads (the same run config)."""
 STRATEGIES = (SPARSE_FEDAVG, "fedavg", "fedprox", "fedadam", "fedtrimmedavg")
 
 
@@ -77,13 +81,17 @@ class FederationConfig:
         for key, value in run_config.items():
             f = names.get(key)
             if f is None:
-                continue  # keys of the ClientApp share the run config
-            kwargs[f.name] = value
+                if key in CLIENT_KEYS:
+                    continue  # the ClientApp's, in the same run config
+                close = difflib.get_close_matches(key, [*names, *CLIENT_KEYS], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise InvalidInputError(
+                    f"unknown run config key {key!r}; {hint}known keys: "
+                    f"{', '.join(sorted([*names, *CLIENT_KEYS]))}"
+                )
+            kwargs[f.name] = _typed(key, f.type, value)
         if "model" not in kwargs:
             raise InvalidInputError("run config needs model='<name in the store>'")
-        for f in fields(cls):
-            if f.name in kwargs and f.type in ("float", "int"):
-                kwargs[f.name] = (float if f.type == "float" else int)(kwargs[f.name])
         return cls(**kwargs)
 
     def to_run_config(self) -> dict[str, Any]:
@@ -93,3 +101,31 @@ class FederationConfig:
     @property
     def sparse(self) -> bool:
         return self.strategy == SPARSE_FEDAVG
+
+
+def _typed(key: str, kind: Any, value: Any) -> Any:
+    """`value` as the field's type (`kind`: its annotation, a string here)."""
+    want = {"int": int, "float": float, "bool": bool, "str": str}.get(str(kind))
+    if want is None:
+        return value
+    if want is bool or isinstance(value, bool):
+        if not isinstance(value, bool) or want is not bool:
+            raise InvalidInputError(
+                f"run config key {key!r} needs {want.__name__}, got {value!r}"
+            )
+        return value
+    if want is str:
+        if not isinstance(value, str):
+            raise InvalidInputError(f"run config key {key!r} needs a string")
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"run config key {key!r} needs a number, got {value!r}"
+        ) from None
+    if not math.isfinite(number) or (want is int and number != int(number)):
+        raise InvalidInputError(
+            f"run config key {key!r} needs a finite {want.__name__}, got {value!r}"
+        )
+    return want(number)

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import math
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -565,6 +566,20 @@ def test_run_config_is_parsed_once_and_checked() -> None:
     assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
     with pytest.raises(InvalidInputError, match="needs model="):
         FederationConfig.from_run_config({"num-rounds": 1})
+    for bad, why in (
+        (
+            {"num-round": 5},
+            "unknown run config key 'num-round'; did you mean 'num-rounds'",
+        ),
+        ({"lr": "fast"}, "'lr' needs a number"),
+        ({"num-rounds": 2.5}, "'num-rounds' needs a finite int"),
+        ({"lr": float("nan")}, "'lr' needs a finite float"),
+        ({"weight-by-tokens": "false"}, "'weight-by-tokens' needs bool"),
+        ({"num-rounds": True}, "'num-rounds' needs int"),
+        ({"param-server": 50051}, "'param-server' needs a string"),
+    ):
+        with pytest.raises(InvalidInputError, match=re.escape(why)):
+            FederationConfig.from_run_config({"model": "m", **bad})
 
 
 @pytest.mark.parametrize(
