@@ -478,7 +478,7 @@ def import_(
     default="5GB",
     show_default=True,
     help="Split weights into files of at most this size (B, KB, MB, GB, TB "
-    "or KiB, MiB, GiB, TiB; from 1 MB to 1 PiB).",
+    "or KiB, MiB, GiB, TiB; from 1MB to 1024TiB).",
     callback=lambda ctx, param, value: parse_size(value),
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)

@@ -159,13 +159,14 @@ class EmbeddedRedis:
     def _log_tail(self) -> str:
         """What redis-server said last (e.g. that the port is in use), or ''.
 
-        Its stderr first: that is where it writes when it cannot open its log.
+        Its stderr last: that is where it writes when it cannot open its log,
+        so it must not be hidden behind older log lines.
         """
         try:
             lines = (self._dir / "redis.log").read_text(errors="replace").splitlines()
         except OSError:
             lines = []
-        lines = self._stderr.splitlines() + lines
+        lines += self._stderr.splitlines()
         said = [ln.strip() for ln in lines if ln.strip()]
         return f" ({' / '.join(ln[-200:] for ln in said[-2:])})" if said else ""
 

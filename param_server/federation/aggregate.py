@@ -250,7 +250,7 @@ def contribution_order(update: ClientUpdate) -> tuple[str, int]:
 
     Flower samples nodes and replies arrive in random order; floating-point
     sums depend on their order, so without a fixed one the same inputs could
-    give different weights.
+    give different averages.
     """
     return (update.institution, update.node_id)
 
@@ -323,7 +323,7 @@ class _Workspace:
     def average(
         self, flats: list[torch.Tensor], weights: list[float], out: torch.Tensor
     ) -> None:
-        """out = the weighted mean of `flats`, rounded once (see round_mean)."""
+        """out = the weighted mean of `flats`, rounded as `round` says."""
         weight = math.fsum(weights)
         for lo in range(0, out.numel(), _CHUNK):
             hi = min(lo + _CHUNK, out.numel())
@@ -380,9 +380,9 @@ _MIDPOINT = {torch.bfloat16: 0x8000, torch.float16: 0x1000}
 def _exact_rounding(
     total: torch.Tensor, weight: float, r: torch.Tensor
 ) -> torch.Tensor:
-    """Corrects `r`, which is at most one step from the correctly rounded
-    `total / weight`, by comparing `total` with `midpoint * weight` for the
-    midpoints on both sides of it. A midpoint has one bit more than `r`'s
+    """Corrects `r` (bfloat16 or float16), at most one step from the correctly
+    rounded `total / weight`, by comparing `total` with `midpoint * weight`
+    for the midpoints on both sides of it. A midpoint has one bit more than `r`'s
     dtype and the weights are integers, so the products are exact in float64
     and the comparison is exact whenever `total` is."""
     up = torch.nextafter(r, torch.full_like(r, math.inf))
@@ -390,20 +390,12 @@ def _exact_rounding(
     rd = r.double()
     mid_up = (rd + up.double()) * 0.5 * weight
     mid_down = (rd + down.double()) * 0.5 * weight
-    # Past a midpoint: the neighbour is nearer. On one: the even of the two.
-    odd = (r.view(_BITS[r.dtype]) & 1).bool()
+    # Past a midpoint: the neighbour is nearer. On one: the even of the two
+    # (the last bit of a 16-bit float's encoding is its last significand bit).
+    odd = (r.view(torch.int16) & 1).bool()
     go_up = (total > mid_up) | ((total == mid_up) & odd)
     go_down = (total < mid_down) | ((total == mid_down) & odd)
     return torch.where(go_up, up, torch.where(go_down, down, r))
-
-
-# Narrower floats whose neighbours torch can step to, with the integer type
-# of the same width (the last bit of an encoding is the last significand bit).
-_BITS = {
-    torch.bfloat16: torch.int16,
-    torch.float16: torch.int16,
-    torch.float32: torch.int32,
-}
 
 
 def merge_into_record(

@@ -108,11 +108,11 @@ def _typed(key: str, kind: Any, value: Any) -> Any:
     want = {"int": int, "float": float, "bool": bool, "str": str}.get(str(kind))
     if want is None:
         return value
-    if want is bool or isinstance(value, bool):
-        if not isinstance(value, bool) or want is not bool:
-            raise InvalidInputError(
-                f"run config key {key!r} needs {want.__name__}, got {value!r}"
-            )
+    if (want is bool) != isinstance(value, bool):  # True is an int, too
+        raise InvalidInputError(
+            f"run config key {key!r} needs {want.__name__}, got {value!r}"
+        )
+    if want is bool:
         return value
     if want is str:
         if not isinstance(value, str):

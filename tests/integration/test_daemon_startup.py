@@ -106,7 +106,13 @@ def test_a_redis_that_will_not_start_is_named_as_the_cause(tmp_path: Path) -> No
     """Not 'pick another --listen address': what redis-server itself said."""
     fake = tmp_path / "bin" / "redis-server"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho 'FATAL: cannot open the log file: boom' >&2\n")
+    # It writes two older lines to its log, then the real cause to stderr.
+    fake.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do [ "$1" = --logfile ] && log="$2"; shift; done\n'
+        'printf "starting\\nloading\\n" > "$log"\n'
+        "echo 'FATAL: cannot open the log file: boom' >&2\n"
+    )
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     p = cli("serve", "--listen", "127.0.0.1:0", cwd=tmp_path, env=env, timeout=120)
