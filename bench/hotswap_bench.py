@@ -109,9 +109,9 @@ def run_fleet(
     n: int, target: str, url: str, args: argparse.Namespace, tmp: Path
 ) -> dict[str, object]:
     from loaders.client import ParamClient
-    from param_server import tensor_codec
     from param_server.announce import APPLIED_PREFIX, read_fleet, redis_client
     from param_server.checkpoints import expert_key
+    from param_server.core import tensor_codec
 
     client = ParamClient(target)
     m = client.get_manifest(args.model)

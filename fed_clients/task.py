@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from param_server.errors import InvalidInputError
+from param_server.core.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from loaders.client import FetchStats, ParamClient
 from loaders.hotswap import HotSwapper, SwapError
 from loaders.models import FAMILIES, LazyFamily, LazyModel, load_lazy_model
 from param_server.announce import NodeStatus
-from param_server.store import CommitResult, GcResult
+from param_server.core.results import CommitResult, GcResult
 
 __all__ = [
     "FAMILIES",

@@ -15,10 +15,10 @@ from typing import Protocol
 import torch
 
 from loaders.client import ParamClient
-from param_server import tensor_codec
 from param_server.checkpoints import expert_key
-from param_server.errors import InvalidInputError, NotFoundError, ParamServerError
-from param_server.manifest import Manifest
+from param_server.core import tensor_codec
+from param_server.core.errors import InvalidInputError, NotFoundError, ParamServerError
+from param_server.core.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

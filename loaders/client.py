@@ -21,10 +21,17 @@ import torch
 from tqdm import tqdm
 
 from loaders.disk_cache import DiskBlobCache, VerifiedMapper
-from param_server import tensor_codec
+from param_server.api.convert import (
+    COMMIT_DATA_FIELD,
+    FETCH_DATA_FIELD,
+    SERVICE_NAME,
+    manifest_from_proto,
+    version_from_proto,
+)
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
-from param_server.errors import (
+from param_server.core import tensor_codec
+from param_server.core.errors import (
     ERROR_KIND_KEY,
     BusyError,
     ErrorKind,
@@ -35,18 +42,15 @@ from param_server.errors import (
     UnavailableError,
     kind_for,
 )
-from param_server.manifest import Manifest, VersionInfo
-from param_server.security import AUTH_HEADER, Credentials, is_loopback_host
-from param_server.service import (
+from param_server.core.framing import (
     CHUNK_BYTES,
-    COMMIT_DATA_FIELD,
-    FETCH_DATA_FIELD,
     MAX_MESSAGE_BYTES,
-    SERVICE_NAME,
     frame_bytes_field,
     parse_bytes_field,
 )
-from param_server.store import CommitResult, GcResult
+from param_server.core.manifest import Manifest, VersionInfo
+from param_server.core.results import CommitResult, GcResult
+from param_server.security import AUTH_HEADER, Credentials, is_loopback_host
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +196,7 @@ class ParamClient:
             for c in self._channels
         ]
         # Fetches and commits move raw bytes: responses are parsed by hand and
-        # data chunks framed by hand (see param_server.service.frame_bytes_field).
+        # data chunks framed by hand (see param_server.core.framing).
         self._fetch_calls = [
             c.unary_stream(
                 f"/{SERVICE_NAME}/FetchShards",
@@ -347,7 +351,7 @@ class ParamClient:
             first.shards.extend(more.shards)
             first.changed.extend(more.changed)
             token = more.next_page_token
-        return Manifest.from_proto(first)
+        return manifest_from_proto(first)
 
     def announce_url(self) -> str | None:
         """The Redis URL the server announces versions on (None when it does not).
@@ -371,7 +375,7 @@ class ParamClient:
                 metadata=self._md,
             ),
         )
-        return [VersionInfo.from_proto(v) for v in r.versions]
+        return [version_from_proto(v) for v in r.versions]
 
     def head(self, model: str) -> int:
         """The model's HEAD version."""

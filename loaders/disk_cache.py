@@ -11,8 +11,8 @@ import threading
 import uuid
 from pathlib import Path
 
-from param_server.errors import IntegrityError
-from param_server.names import check_digest
+from param_server.core.errors import IntegrityError
+from param_server.core.names import check_digest
 
 logger = logging.getLogger(__name__)
 

@@ -49,8 +49,8 @@ from param_server.announce import (
     redact,
     redis_client,
 )
-from param_server.errors import InvalidInputError, ParamServerError
-from param_server.manifest import Manifest
+from param_server.core.errors import InvalidInputError, ParamServerError
+from param_server.core.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

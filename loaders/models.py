@@ -23,9 +23,9 @@ from torch import nn
 
 from loaders.cache import LazyExpertLoader, Tensors, own_copy
 from loaders.client import ParamClient
-from param_server import tensor_codec
-from param_server.errors import InvalidInputError
-from param_server.manifest import Manifest
+from param_server.core import tensor_codec
+from param_server.core.errors import InvalidInputError
+from param_server.core.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from param_server.errors import (
+from param_server.core.errors import (
     AuthenticationError,
     BusyError,
     IntegrityError,
@@ -23,15 +23,16 @@ from param_server.errors import (
     StoreIOError,
     UnavailableError,
 )
-from param_server.manifest import (
+from param_server.core.manifest import (
     FileEntry,
     Manifest,
     ShardEntry,
     TensorInfo,
     VersionInfo,
 )
+from param_server.core.results import CommitResult, GcResult
 from param_server.security import Credentials, Role, TokenTable
-from param_server.store import CommitResult, GcResult, Store
+from param_server.store import Store
 
 # Heavy imports (torch, grpc) load on first use, so the store stays fast to import.
 _LAZY = {

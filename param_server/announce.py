@@ -26,9 +26,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from param_server.errors import InvalidInputError, NotFoundError
-from param_server.manifest import Manifest
-from param_server.names import check_model_name, check_shard_key
+from param_server.core.errors import InvalidInputError, NotFoundError
+from param_server.core.manifest import Manifest
+from param_server.core.names import check_model_name, check_shard_key
 from param_server.store import Store, utc_now
 
 logger = logging.getLogger(__name__)

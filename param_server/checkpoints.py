@@ -31,12 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from param_server import tensor_codec
-from param_server.errors import InvalidInputError, NotFoundError
-from param_server.manifest import Manifest
-from param_server.names import check_file_name
-from param_server.safetensors_format import read_header
-from param_server.store import CommitResult, Store, check_model_file
+from param_server.core import tensor_codec
+from param_server.core.errors import InvalidInputError, NotFoundError
+from param_server.core.manifest import Manifest
+from param_server.core.names import check_file_name
+from param_server.core.results import CommitResult
+from param_server.core.safetensors_format import read_header
+from param_server.store import Store, check_model_file
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from param_server.errors import (
+from param_server.core.errors import (
     ExitCode,
     InvalidInputError,
     ParamServerError,
@@ -372,7 +372,7 @@ def token_create(
     A running daemon picks changes up on SIGHUP (`kill -HUP PID`); to
     revoke a token, delete its entry and send SIGHUP.
     """
-    from param_server.names import check_model_name
+    from param_server.core.names import check_model_name
     from param_server.security import TokenTable, hash_token, new_token
 
     for m in models:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from param_server.errors import UnavailableError
+from param_server.core.errors import UnavailableError
 
 
 class DaemonProcess:

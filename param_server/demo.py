@@ -14,8 +14,8 @@ import click
 import torch
 
 from param_server.checkpoints import export_checkpoint, import_checkpoint
+from param_server.core.errors import StaleParentError
 from param_server.daemon import spawn_daemon
-from param_server.errors import StaleParentError
 from param_server.store import Store
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from param_server.errors import RedisMissingError, RedisStartError
+from param_server.core.errors import RedisMissingError, RedisStartError
 
 __all__ = ["EmbeddedRedis", "RedisMissingError", "RedisStartError", "free_port"]
 

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from param_server.errors import (
+from param_server.core.errors import (
     AuthenticationError,
     InvalidInputError,
     PermissionDeniedError,
 )
-from param_server.names import check_model_name
+from param_server.core.names import check_model_name
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from param_server.announce import Announcer, redact
+from param_server.api.convert import (
+    FETCH_DATA_FIELD,
+    SERVICE_NAME,
+    manifest_to_proto,
+    shard_to_proto,
+    version_to_proto,
+)
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
-from param_server.errors import (
+from param_server.core.errors import (
     ERROR_KIND_KEY,
     BusyError,
     InvalidInputError,
@@ -41,8 +48,14 @@ from param_server.errors import (
     kind_of,
     status_name,
 )
-from param_server.manifest import Manifest
-from param_server.names import check_model_name, check_shard_key
+from param_server.core.framing import (
+    BUSY,
+    CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    frame_bytes_field,
+)
+from param_server.core.manifest import Manifest
+from param_server.core.names import check_model_name, check_shard_key
 from param_server.redis_server import EmbeddedRedis
 from param_server.security import (
     ANY_MODEL,
@@ -56,21 +69,6 @@ from param_server.security import (
 from param_server.store import Store
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParamServer"].full_name
-# gRPC's default limit on a received message: stock clients (grpcurl,
-# grpc-js, a plain Python channel) refuse anything larger.
-GRPC_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
-# A data chunk's payload; with its framing (tag and length, 5 bytes) every
-# message a client receives stays under that default.
-CHUNK_BYTES = GRPC_DEFAULT_MAX_MESSAGE - 64 * 1024
-# What the daemon accepts (a commit chunk from an older client was a full
-# 4 MiB plus framing); our client raises its own limit to this too.
-MAX_MESSAGE_BYTES = GRPC_DEFAULT_MAX_MESSAGE + 64 * 1024
-
-BUSY = "server busy"
-"""How the details of a refusal for lack of stream slots begin (for people;
-clients recognise it by its kind, BusyError, in the trailing metadata)."""
 
 
 def status_for(e: ParamServerError) -> grpc.StatusCode:
@@ -172,44 +170,6 @@ class ServerConfig:
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Field numbers of the `bytes data` fields in FetchChunk and CommitRequest.
-FETCH_DATA_FIELD = pb.FetchChunk.DESCRIPTOR.fields_by_name["data"].number
-COMMIT_DATA_FIELD = pb.CommitRequest.DESCRIPTOR.fields_by_name["data"].number
-
-
-def frame_bytes_field(field_number: int, data: bytes | memoryview) -> bytes:
-    """The wire encoding of a message whose only set field is `bytes` `field_number`.
-
-    Python protobuf copies a multi-MiB bytes field several times when it
-    serialises (about 15 ms per 4 MiB here, slower than the network); framing
-    it by hand costs one memcpy. The result parses as the normal message.
-    """
-    n = len(data)
-    out = bytearray([(field_number << 3) | 2])
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return b"".join((out, data))
-
-
-def parse_bytes_field(msg: bytes, field_number: int) -> memoryview | None:
-    """A zero-copy view of the payload if `msg` is exactly one `bytes` field."""
-    if not msg or msg[0] != (field_number << 3) | 2:
-        return None
-    n = shift = 0
-    i = 1
-    while i < len(msg):
-        b = msg[i]
-        n |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            break
-        shift += 7
-    if i + n != len(msg):
-        return None
-    return memoryview(msg)[i:]
-
 
 def manifest_page(
     manifest: Manifest,
@@ -222,15 +182,15 @@ def manifest_page(
     smaller page was asked for), else the shards after `after` (by key) that
     fit in `max_bytes` and `page_size`, with a token for the rest."""
     if page_size == 0 and not after:
-        whole = manifest.to_proto()
+        whole = manifest_to_proto(manifest)
         if whole.ByteSize() <= max_bytes:
             return whole
-    page = manifest.to_proto(shards=False)
+    page = manifest_to_proto(manifest, shards=False)
     budget = max_bytes - page.ByteSize() - 64  # 64: the token
     changed = set(manifest.changed)
     keys = sorted(k for k in manifest.shards if k > after)
     for taken, key in enumerate(keys):
-        entry = manifest.shards[key].to_proto()
+        entry = shard_to_proto(manifest.shards[key])
         cost = entry.ByteSize() + 6 + (len(key) + 3 if key in changed else 0)
         if taken and (cost > budget or taken == page_size):
             page.next_page_token = f"{manifest.version}:{keys[taken - 1]}"
@@ -440,7 +400,9 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         return pb.ListVersionsResponse(
             model=request.model,
             head=st.head,
-            versions=[v.to_proto() for v in self.store.list_versions(request.model)],
+            versions=[
+                version_to_proto(v) for v in self.store.list_versions(request.model)
+            ],
         )
 
     @_rpc(Role.READER)

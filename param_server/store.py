@@ -31,12 +31,12 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from param_server.errors import (
+from param_server.core.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -44,20 +44,21 @@ from param_server.errors import (
     StaleParentError,
     StoreIOError,
 )
-from param_server.manifest import (
+from param_server.core.manifest import (
     FileEntry,
     Manifest,
     ShardEntry,
     TensorInfo,
     VersionInfo,
 )
-from param_server.names import (
+from param_server.core.names import (
     check_digest,
     check_file_name,
     check_model_name,
     check_shard_key,
 )
-from param_server.safetensors_format import Header, read_header
+from param_server.core.results import CommitResult, GcResult
+from param_server.core.safetensors_format import Header, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -324,24 +325,6 @@ class Staging:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    """What a commit did."""
-
-    manifest: Manifest
-    blobs_written: int
-    bytes_written: int
-
-
-@dataclass(slots=True)
-class GcResult:
-    """What garbage collection dropped (or would drop, in a dry run)."""
-
-    dropped_versions: list[tuple[str, int]] = field(default_factory=list)
-    blobs_deleted: int = 0
-    bytes_freed: int = 0
 
 
 class Store:

@@ -22,8 +22,8 @@ import torch
 
 from loaders.client import ParamClient
 from param_server.checkpoints import import_checkpoint
+from param_server.core.errors import ParamServerError, StoreIOError
 from param_server.daemon import DaemonProcess, spawn_daemon
-from param_server.errors import ParamServerError, StoreIOError
 from param_server.redis_server import EmbeddedRedis, free_port
 from param_server.store import Store
 from tests.helpers import raw_safetensors, wait_until

@@ -18,9 +18,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from param_server.checkpoints import parse_expert_key
-from param_server.errors import InvalidInputError, ParamServerError
+from param_server.core.errors import InvalidInputError, ParamServerError
+from param_server.core.manifest import Manifest
 from param_server.federation import protocol, wire
-from param_server.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from param_server.errors import InvalidInputError
+from param_server.core.errors import InvalidInputError
 
 SPARSE_FEDAVG = "sparse-fedavg"
 CLIENT_KEYS = ("data-root",)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from param_server.errors import ParamServerError
+from param_server.core.errors import ParamServerError
 from param_server.redis_server import free_port
 
 logger = logging.getLogger(__name__)

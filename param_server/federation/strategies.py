@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from param_server.errors import InvalidInputError
+from param_server.core.errors import InvalidInputError
 from param_server.federation import protocol
 from param_server.federation.aggregate import (
     ClientUpdate,

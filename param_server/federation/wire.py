@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from param_server.errors import InvalidInputError
-from param_server.tensor_codec import DTYPE_NAMES, DTYPES
+from param_server.core.errors import InvalidInputError
+from param_server.core.tensor_codec import DTYPE_NAMES, DTYPES
 
 RAW_STYPE = "moe-param-server.raw-le"
 """`Array.stype` of our encoding: C-order little-endian bytes, dtype named as

@@ -72,7 +72,7 @@ def test_cuda_hot_swap_matches_a_fresh_load(target: str) -> None:
     """Dense tensors and resident experts of a new version land on the GPU
     (no Redis here: the swapper is told to check by hand)."""
     from loaders.hotswap import HotSwapper
-    from param_server import tensor_codec
+    from param_server.core import tensor_codec
     from param_server.redis_server import free_port
 
     tag = "mixtral-float32"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import sys
 
-from param_server.errors import StaleParentError
+from param_server.core.errors import StaleParentError
 from param_server.store import Store
 from tests.helpers import raw_safetensors
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.checkpoints import import_checkpoint
-from param_server.errors import InvalidInputError, SchemaMismatchError
+from param_server.core.errors import InvalidInputError, SchemaMismatchError
 from param_server.service import ServerConfig, create_server
 from param_server.store import Store
 from tests.conftest import Checkpoint

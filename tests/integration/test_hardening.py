@@ -10,10 +10,11 @@ import grpc
 import pytest
 
 from loaders.client import ParamClient
-from param_server import safetensors_format
+from param_server.api.convert import SERVICE_NAME
 from param_server.api.v1 import param_server_pb2 as pb
-from param_server.errors import InvalidInputError
-from param_server.service import MAX_MESSAGE_BYTES, SERVICE_NAME
+from param_server.core import safetensors_format
+from param_server.core.errors import InvalidInputError
+from param_server.core.framing import MAX_MESSAGE_BYTES
 from tests.conftest import Server
 from tests.helpers import header_bytes, raw_safetensors
 

@@ -17,7 +17,7 @@ from loaders.cache import ExpertFetchError, LazyExpertLoader
 from loaders.client import ParamClient
 from loaders.models import FAMILIES, LazyModel, family_for, load_lazy_model
 from param_server.checkpoints import import_checkpoint
-from param_server.errors import InvalidInputError, UnavailableError
+from param_server.core.errors import InvalidInputError, UnavailableError
 from param_server.service import ServerConfig, create_server
 from param_server.store import Store
 from tests.conftest import Checkpoint

@@ -17,18 +17,19 @@ import pytest
 
 import loaders.client
 from loaders.client import ParamClient
+from param_server.api.convert import SERVICE_NAME
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.checkpoints import import_checkpoint
-from param_server.daemon import spawn_daemon
-from param_server.errors import (
+from param_server.core.errors import (
     AuthenticationError,
     BusyError,
     InvalidInputError,
     PermissionDeniedError,
     UnavailableError,
 )
+from param_server.daemon import spawn_daemon
 from param_server.security import Credentials, TokenTable, hash_token, new_token
-from param_server.service import SERVICE_NAME, ServerConfig, create_server
+from param_server.service import ServerConfig, create_server
 from param_server.store import Store
 from tests.conftest import Checkpoint
 from tests.helpers import raw_safetensors, wait_until

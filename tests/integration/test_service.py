@@ -21,7 +21,7 @@ from loaders.client import ParamClient
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.checkpoints import import_checkpoint
-from param_server.errors import (
+from param_server.core.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from param_server.announce import Announcement, NodeStatus, redact
-from param_server.errors import InvalidInputError
+from param_server.core.errors import InvalidInputError
 
 
 def _message(**kw: Any) -> bytes:

@@ -17,7 +17,7 @@ from param_server.checkpoints import (
     export_checkpoint,
     import_checkpoint,
 )
-from param_server.errors import InvalidInputError, SchemaMismatchError
+from param_server.core.errors import InvalidInputError, SchemaMismatchError
 from param_server.store import Store
 from tests.conftest import Checkpoint
 

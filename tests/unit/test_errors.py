@@ -8,8 +8,8 @@ import inspect
 import grpc
 import pytest
 
-from param_server import errors
-from param_server.errors import (
+from param_server.core import errors
+from param_server.core.errors import (
     ERRORS,
     BusyError,
     ExitCode,

@@ -29,7 +29,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from fed_clients.task import TaskError, load_split, load_task, make_task
 from fed_clients.train import _from_checkpoint_layout, _to_checkpoint_layout
-from param_server.errors import InvalidInputError
+from param_server.core.errors import InvalidInputError
 from param_server.federation import protocol, wire
 from param_server.federation.aggregate import (
     ClientUpdate,

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from param_server.errors import InvalidInputError
-from param_server.names import check_file_name, check_model_name, check_shard_key
+from param_server.core.errors import InvalidInputError
+from param_server.core.names import check_file_name, check_model_name, check_shard_key
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "a", "Qwen3.MoE_v1", "0abc"])

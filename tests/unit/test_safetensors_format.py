@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from param_server import tensor_codec
-from param_server.errors import InvalidInputError
-from param_server.safetensors_format import parse_header
+from param_server.core import tensor_codec
+from param_server.core.errors import InvalidInputError
+from param_server.core.safetensors_format import parse_header
 from tests.helpers import header_bytes, raw_safetensors
 
 

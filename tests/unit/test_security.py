@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from param_server.errors import (
+from param_server.core.errors import (
     AuthenticationError,
     InvalidInputError,
     PermissionDeniedError,

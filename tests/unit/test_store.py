@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from param_server.errors import (
+from param_server.core.errors import (
     InvalidInputError,
     NotFoundError,
     SchemaMismatchError,
@@ -305,7 +305,7 @@ def test_file_size_limit_mid_commit_keeps_last_version(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         from param_server.store import Store
-        from param_server.errors import StoreIOError
+        from param_server.core.errors import StoreIOError
         from tests.helpers import raw_safetensors
         store = Store({str(base.root)!r})
         try:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save as _st_save
 
-from param_server.safetensors_format import Header, parse_header
+from param_server.core.safetensors_format import Header, parse_header
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,

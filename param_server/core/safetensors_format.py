@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from param_server.errors import InvalidInputError
+from param_server.core.errors import InvalidInputError
 
 # Bytes per element for every dtype the safetensors format defines.
 DTYPE_SIZES: dict[str, int] = {

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from param_server.api.v1 import param_server_pb2 as pb
-
 FORMAT_VERSION = 1
 
 
@@ -37,19 +35,6 @@ class ShardEntry:
     digest: str
     size: int
     tensors: tuple[TensorInfo, ...]
-
-    def to_proto(self) -> pb.ShardEntry:
-        return pb.ShardEntry(
-            key=self.key,
-            digest=self.digest,
-            size=self.size,
-            tensors=[
-                pb.TensorInfo(
-                    name=t.name, dtype=t.dtype, shape=list(t.shape), stacked=t.stacked
-                )
-                for t in self.tensors
-            ],
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,52 +154,6 @@ class Manifest:
             },
         )
 
-    # --- protobuf (on the wire) -----------------------------------------------
-
-    def to_proto(self, *, shards: bool = True) -> pb.Manifest:
-        """The wire form; without `shards`, only provenance and files."""
-        return pb.Manifest(
-            model=self.model,
-            version=self.version,
-            parent=self.parent,
-            created_at=self.created_at,
-            author=self.author,
-            message=self.message,
-            metadata_json=json.dumps(self.metadata),
-            changed=list(self.changed) if shards else [],
-            files=[
-                pb.FileEntry(name=f.name, digest=f.digest, size=f.size)
-                for f in self.files.values()
-            ],
-            shards=[s.to_proto() for s in self.shards.values()] if shards else [],
-        )
-
-    @classmethod
-    def from_proto(cls, m: pb.Manifest) -> Manifest:
-        return cls(
-            model=m.model,
-            version=m.version,
-            parent=m.parent,
-            created_at=m.created_at,
-            author=m.author,
-            message=m.message,
-            metadata=json.loads(m.metadata_json) if m.metadata_json else {},
-            changed=tuple(m.changed),
-            files={f.name: FileEntry(f.name, f.digest, f.size) for f in m.files},
-            shards={
-                s.key: ShardEntry(
-                    s.key,
-                    s.digest,
-                    s.size,
-                    tuple(
-                        TensorInfo(t.name, t.dtype, tuple(t.shape), t.stacked)
-                        for t in s.tensors
-                    ),
-                )
-                for s in m.shards
-            },
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class VersionInfo:
@@ -228,21 +167,3 @@ class VersionInfo:
     pinned: bool
     head: bool
     num_changed: int
-
-    _FIELDS = (
-        "version",
-        "parent",
-        "created_at",
-        "author",
-        "message",
-        "pinned",
-        "head",
-        "num_changed",
-    )
-
-    def to_proto(self) -> pb.VersionInfo:
-        return pb.VersionInfo(**{f: getattr(self, f) for f in self._FIELDS})
-
-    @classmethod
-    def from_proto(cls, v: pb.VersionInfo) -> VersionInfo:
-        return cls(*(getattr(v, f) for f in cls._FIELDS))

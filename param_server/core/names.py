@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from param_server.errors import InvalidInputError
+from param_server.core.errors import InvalidInputError
 
 _MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")
