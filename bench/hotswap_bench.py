@@ -110,8 +110,8 @@ def run_fleet(
 ) -> dict[str, object]:
     from loaders.client import ParamClient
     from param_server.announce import APPLIED_PREFIX, read_fleet, redis_client
-    from param_server.checkpoints import expert_key
     from param_server.core import tensor_codec
+    from param_server.core.shards import expert_key
 
     client = ParamClient(target)
     m = client.get_manifest(args.model)

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from param_server.core.shards import parse_wire_key
+
 logger = logging.getLogger(__name__)
 
 TRAINABLE_PRESETS: dict[str, str] = {
@@ -67,9 +69,9 @@ def _to_checkpoint_layout(
     out: dict[str, torch.Tensor] = {}
     stacks: dict[str, dict[int, torch.Tensor]] = {}
     for key, t in tensors.items():
-        name, sep, expert = key.rpartition("@")
-        if sep and expert.isdigit():
-            stacks.setdefault(name, {})[int(expert)] = t
+        name, expert = parse_wire_key(key)
+        if expert is not None:
+            stacks.setdefault(name, {})[expert] = t
         else:
             out[key] = t
     for name, parts in stacks.items():
@@ -88,10 +90,9 @@ def _from_checkpoint_layout(
     """Checkpoint tensors back into the wire keys (and shapes) of `keys`."""
     out: dict[str, torch.Tensor] = {}
     for key, like in keys.items():
-        name, sep, expert = key.rpartition("@")
-        if sep and expert.isdigit():
-            fused = state[name]
-            part = fused[int(expert)]
+        name, expert = parse_wire_key(key)
+        if expert is not None:
+            part = state[name][expert]
             out[key] = part.reshape(like.shape)
         else:
             out[key] = state[key]

@@ -5,9 +5,12 @@ swapper that keeps them on the newest version."""
 from loaders.cache import CacheStats, ExpertFetchError, LazyExpertLoader
 from loaders.client import FetchStats, ParamClient
 from loaders.hotswap import HotSwapper, SwapError
-from loaders.models import FAMILIES, LazyFamily, LazyModel, load_lazy_model
+from loaders.models import LazyModel, load_lazy_model
 from param_server.announce import NodeStatus
 from param_server.core.results import CommitResult, GcResult
+from param_server.core.shards import FAMILIES, ModelFamily
+
+LazyFamily = ModelFamily  # the name of a row of FAMILIES before it had one owner
 
 __all__ = [
     "FAMILIES",
@@ -20,6 +23,7 @@ __all__ = [
     "LazyExpertLoader",
     "LazyFamily",
     "LazyModel",
+    "ModelFamily",
     "NodeStatus",
     "ParamClient",
     "SwapError",

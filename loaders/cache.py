@@ -15,10 +15,10 @@ from typing import Protocol
 import torch
 
 from loaders.client import ParamClient
-from param_server.checkpoints import expert_key
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError, NotFoundError, ParamServerError
 from param_server.core.manifest import Manifest
+from param_server.core.shards import expert_key, is_expert_key
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class LazyExpertLoader:
             raise InvalidInputError(
                 f"expert budget must be positive, got {budget_bytes} bytes"
             )
-        sizes = [s.size for k, s in manifest.shards.items() if ".experts." in k]
+        sizes = [s.size for k, s in manifest.shards.items() if is_expert_key(k)]
         if not sizes:
             raise InvalidInputError(
                 f"{manifest.model}@{manifest.version} has no experts"
@@ -523,9 +523,9 @@ class LazyExpertLoader:
         experts of the old version that the new one replaced are dropped at
         once (no second copy lingers); pins move to the new version's entries.
         """
-        keep = {s.digest for k, s in manifest.shards.items() if ".experts." in k}
+        keep = {s.digest for k, s in manifest.shards.items() if is_expert_key(k)}
         old = {
-            s.digest for k, s in self.manifest.shards.items() if ".experts." in k
+            s.digest for k, s in self.manifest.shards.items() if is_expert_key(k)
         } - keep
         dropped = 0
         with self._lock:
@@ -550,7 +550,7 @@ class LazyExpertLoader:
     def resize(self, budget_bytes: int) -> None:
         """Changes the budget; shrinking evicts (policy order) what no one holds."""
         largest = max(
-            s.size for k, s in self.manifest.shards.items() if ".experts." in k
+            s.size for k, s in self.manifest.shards.items() if is_expert_key(k)
         )
         if budget_bytes < largest:
             raise InvalidInputError(
@@ -567,7 +567,7 @@ class LazyExpertLoader:
             digests = set(self._entries)
         out = set()
         for key, s in self.manifest.shards.items():
-            if s.digest in digests and ".experts." in key:
+            if s.digest in digests and is_expert_key(key):
                 _, layer, _, expert = key.split(".")
                 out.add((int(layer), int(expert)))
         return out

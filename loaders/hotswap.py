@@ -51,6 +51,7 @@ from param_server.announce import (
 )
 from param_server.core.errors import InvalidInputError, ParamServerError
 from param_server.core.manifest import Manifest
+from param_server.core.shards import is_expert_key
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +445,7 @@ class HotSwapper:
                 "restart the node to load it"
             )
         check_expert_shapes(target, self.lazy.family, self.lazy.expert_shapes)
-        dense_keys = [k for k in changed if ".experts." not in k]
+        dense_keys = [k for k in changed if not is_expert_key(k)]
         dense = dense_state(self.client, target, dense_keys, self.lazy.family)
         check_dense(self._net, dense, target, complete=False)
         if self._device.type == "cuda":
@@ -459,7 +460,7 @@ class HotSwapper:
         resident, pinned = self.lazy.loader.residency()
         warm = set(pinned)
         for key in changed:
-            if ".experts." in key and current.shards[key].digest in resident:
+            if is_expert_key(key) and current.shards[key].digest in resident:
                 _, layer, _, expert = key.split(".")
                 warm.add((int(layer), int(expert)))
         # Replacements sit beside the experts they replace until the flip

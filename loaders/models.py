@@ -7,16 +7,14 @@ parameters, and lets a library register another forward for those modules
 routed experts only, and drop the fused parameters, so expert weights exist
 only while cached.
 
-Adding a model family means adding a row to FAMILIES.
+Adding a model family means adding a row to FAMILIES in param_server.core.shards.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -26,71 +24,19 @@ from loaders.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError
 from param_server.core.manifest import Manifest
+from param_server.core.shards import (
+    ModelFamily,
+    by_expert_suffix,
+    is_expert_key,
+    lazy_family,
+)
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "param_server_lazy"
 
 
-@dataclass(frozen=True, slots=True)
-class LazyFamily:
-    """How a family's checkpoint names map onto its experts module."""
-
-    model_types: tuple[str, ...]
-    renames: tuple[tuple[str, str], ...]
-    """Substring renames from checkpoint to module names (dense tensors)."""
-    experts_path: str
-    """Attribute path of the experts module inside a decoder layer."""
-    params: tuple[tuple[str, tuple[str, ...]], ...]
-    """Fused parameter -> per-expert checkpoint suffixes, concatenated on dim 0."""
-
-
-FAMILIES: tuple[LazyFamily, ...] = (
-    LazyFamily(
-        model_types=("mixtral",),
-        renames=((".block_sparse_moe.", ".mlp."),),
-        experts_path="mlp.experts",
-        params=(
-            ("gate_up_proj", ("w1.weight", "w3.weight")),
-            ("down_proj", ("w2.weight",)),
-        ),
-    ),
-    LazyFamily(
-        # Shared experts (Qwen2-MoE, DeepSeek-V3) are dense tensors of the layer.
-        model_types=("qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"),
-        renames=(),
-        experts_path="mlp.experts",
-        params=(
-            ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")),
-            ("down_proj", ("down_proj.weight",)),
-        ),
-    ),
-)
-_EXPERT_NAME = re.compile(r".*\.experts\.(?:\d+\.)?(?P<suffix>[A-Za-z0-9_.]+)")
-T = TypeVar("T")
-
-
-def by_expert_suffix(named: dict[str, T]) -> dict[str, T]:
-    """Re-keys an expert shard's entries by what follows `.experts.{E}.`
-    (`w1.weight`, `gate_proj.weight`) or `.experts.` (fused: `gate_up_proj`)."""
-    out = {}
-    for name, value in named.items():
-        m = _EXPERT_NAME.fullmatch(name)
-        out[m.group("suffix") if m else name] = value
-    return out
-
-
-def family_for(model_type: str) -> LazyFamily:
-    for f in FAMILIES:
-        if model_type in f.model_types:
-            return f
-    known = sorted(t for f in FAMILIES for t in f.model_types)
-    raise InvalidInputError(
-        f"no lazy-expert support for model_type {model_type!r}; supported: {known}"
-    )
-
-
-def _prepare_for(family: LazyFamily, shapes: dict[str, tuple[int, ...]], model: str):  # type: ignore[no-untyped-def]
+def _prepare_for(family: ModelFamily, shapes: dict[str, tuple[int, ...]], model: str):  # type: ignore[no-untyped-def]
     """A Prepare that builds the fused per-expert tensors the module expects."""
 
     def prepare(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
@@ -167,7 +113,7 @@ class LazyModel:
     loader: LazyExpertLoader
     manifest: Manifest
     """The version being served (a HotSwapper moves it)."""
-    family: LazyFamily
+    family: ModelFamily
     expert_shapes: dict[str, tuple[int, ...]]
     """Fused per-expert parameter -> shape the model expects."""
 
@@ -215,7 +161,7 @@ def load_lazy_model(
         bytes(client.fetch_blobs(manifest, [], files=["config.json"])["config.json"])
     )
     config = AutoConfig.for_model(**cfg_dict)
-    family = family_for(config.model_type)
+    family = lazy_family(config.model_type)
     dtype = getattr(config, "dtype", None) or torch.float32
     with no_init_weights():  # allocations stay untouched until dropped or loaded
         net = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
@@ -264,19 +210,19 @@ def load_lazy_model(
 
 
 def check_expert_shapes(
-    manifest: Manifest, family: LazyFamily, shapes: dict[str, tuple[int, ...]]
+    manifest: Manifest, family: ModelFamily, shapes: dict[str, tuple[int, ...]]
 ) -> None:
     """Checks every expert in the manifest against the config, before serving."""
-    if shapes and not any(".experts." in key for key in manifest.shards):
+    if shapes and not any(is_expert_key(key) for key in manifest.shards):
         raise InvalidInputError(
             f"{manifest.model}@{manifest.version} has no expert shards, but the "
             f"{family.model_types[0]} model built from its config.json has "
             "routed experts: the import recognised none of its expert tensors "
             "(see the warning it printed). Re-import it once its naming is a "
-            "row of NAMING in param_server/checkpoints.py"
+            "row of FAMILIES in param_server/core/shards.py"
         )
     for key, shard in sorted(manifest.shards.items()):
-        if ".experts." not in key:
+        if not is_expert_key(key):
             continue
         by_suffix = by_expert_suffix({t.name: t for t in shard.tensors})
         for param, parts in family.params:
@@ -302,12 +248,12 @@ def dense_state(
     client: ParamClient,
     manifest: Manifest,
     keys: list[str] | None,
-    family: LazyFamily,
+    family: ModelFamily,
 ) -> dict[str, torch.Tensor]:
     """Module name -> tensor (own storage) of the dense shards `keys` (all when
     None) of `manifest`."""
     if keys is None:
-        keys = [k for k in manifest.shards if ".experts." not in k]
+        keys = [k for k in manifest.shards if not is_expert_key(k)]
     state: dict[str, torch.Tensor] = {}
     for key, buf in client.fetch_blobs(manifest, keys).items():
         for name, t in tensor_codec.decode(buf, f"{manifest.model}:{key}").items():

@@ -1,14 +1,7 @@
 """Hugging Face checkpoint folders in and out of the store.
 
-Tensor names map to shard keys through the declarative NAMING table: one row
-per naming scheme. Adding a model family whose experts are named differently
-means adding a row there, nothing else.
-
-Shard keys:
-    layers.{L}.experts.{E}   every tensor of expert E of layer L
-    layers.{L}.dense         the rest of layer L: attention, norms, router,
-                             shared experts, a dense MLP
-    global                   everything else: embeddings, final norm, head
+Tensor names map to shard keys through the rows of FAMILIES in
+param_server.core.shards, which also says what the shard keys are.
 """
 
 from __future__ import annotations
@@ -16,13 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,89 +28,18 @@ from param_server.core.manifest import Manifest
 from param_server.core.names import check_file_name
 from param_server.core.results import CommitResult
 from param_server.core.safetensors_format import read_header
+from param_server.core.shards import (
+    GLOBAL_KEY,
+    classify,
+    expert_key,
+    parse_expert_key,
+)
 from param_server.store import Store, check_model_file
 
 logger = logging.getLogger(__name__)
 
-GLOBAL_KEY = "global"
 MAX_MODEL_FILE_BYTES = 64 * 1024 * 1024
 _WEIGHT_INDEX = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True, slots=True)
-class ExpertNaming:
-    """How one family of checkpoints names its routed-expert tensors."""
-
-    scheme: str
-    """A name for the scheme, shown in logs and errors."""
-    model_types: tuple[str, ...]
-    """`model_type` values of config.json known to use it (documentation)."""
-    pattern: str
-    """Regex over the full tensor name with groups `layer` and, unless
-    `fused`, `expert`."""
-    fused: bool = False
-    """All experts of the layer in one tensor, split along dim 0."""
-
-
-NAMING: tuple[ExpertNaming, ...] = (
-    ExpertNaming(
-        "mixtral",
-        ("mixtral",),
-        r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)"
-        r"\.w[123]\.weight",
-    ),
-    ExpertNaming(
-        "gate-up-down",
-        ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"),
-        r"model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)"
-        r"\.(?:gate|up|down)_proj\.weight",
-    ),
-    ExpertNaming(
-        "fused",
-        ("transformers-5-state-dict", "gpt_oss"),
-        r"model\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts"
-        r"\.(?P<param>[A-Za-z0-9_]+)(?:\.weight)?",
-        fused=True,
-    ),
-)
-_LAYER = re.compile(r"model\.layers\.(?P<layer>\d+)\..+")
-_COMPILED = tuple((row, re.compile(row.pattern)) for row in NAMING)
-
-
-def expert_key(layer: int, expert: int) -> str:
-    return f"layers.{layer}.experts.{expert}"
-
-
-def dense_key(layer: int) -> str:
-    return f"layers.{layer}.dense"
-
-
-_EXPERT_KEY = re.compile(r"layers\.(\d+)\.experts\.(\d+)")
-
-
-def parse_expert_key(key: str) -> tuple[int, int] | None:
-    """(layer, expert) of an expert shard key, else None."""
-    m = _EXPERT_KEY.fullmatch(key)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def classify(name: str) -> tuple[str, bool]:
-    """Maps a checkpoint tensor name to (shard key, fused).
-
-    For a fused tensor the key is that of expert 0's layer with "*" as the
-    expert; the caller splits it along dim 0.
-    """
-    for row, rx in _COMPILED:
-        m = rx.fullmatch(name)
-        if m:
-            layer = int(m.group("layer"))
-            if row.fused:
-                return f"layers.{layer}.experts.*", True
-            return expert_key(layer, int(m.group("expert"))), False
-    m = _LAYER.fullmatch(name)
-    if m:
-        return dense_key(int(m.group("layer"))), False
-    return GLOBAL_KEY, False
 
 
 # --- import ---------------------------------------------------------------------
@@ -200,7 +120,7 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def _no_experts(src: Path, plan: Mapping[str, list[str]]) -> str:
-    """What to tell the user about a checkpoint in which no row of NAMING
+    """What to tell the user about a checkpoint in which no row of FAMILIES
     recognised a single expert tensor."""
     try:
         config = json.loads((src / "config.json").read_bytes())
@@ -220,7 +140,7 @@ def _no_experts(src: Path, plan: Mapping[str, list[str]]) -> str:
     )
     why = (
         f"its config.json declares {declared} experts per layer, but no tensor "
-        "name matches a row of NAMING in param_server/checkpoints.py (add one "
+        "name matches a row of FAMILIES in param_server/core/shards.py (add one "
         "for this family)"
         if declared
         else "it looks like a dense model"

@@ -15,6 +15,7 @@ import torch
 
 from param_server.checkpoints import export_checkpoint, import_checkpoint
 from param_server.core.errors import StaleParentError
+from param_server.core.shards import expert_key, is_expert_key
 from param_server.daemon import spawn_daemon
 from param_server.store import Store
 
@@ -96,7 +97,7 @@ def run_demo(
             )
 
             wanted = [
-                f"layers.{layer}.experts.{e}"
+                expert_key(layer, e)
                 for layer in range(layers)
                 for e in (0, experts - 1)
             ]
@@ -165,7 +166,7 @@ def _live_node_and_swaps(
 
     model = "tiny-mixtral"
     sizes = [
-        s.size for k, s in client.get_manifest(model).shards.items() if ".experts." in k
+        s.size for k, s in client.get_manifest(model).shards.items() if is_expert_key(k)
     ]
     lazy = load_lazy_model(client, model, budget_bytes=sum(sizes) // 2)
     swapper = HotSwapper(lazy, node_id="demo-node").start()
@@ -191,7 +192,7 @@ def _live_node_and_swaps(
             f"its experts' bytes as budget, subscribed to "
             f"paramserver:versions:{model}"
         )
-        key = "layers.0.experts.0"
+        key = expert_key(0, 0)
         tensors = client.fetch_shards(model, [key], version=base)[key]
         updated = {n: t.clone() * 0.5 for n, t in tensors.items()}
         before = len(passes)
@@ -271,7 +272,7 @@ def _federated_rounds(
     held_out = torch.cat(
         [load_split(task.data_path(n), "test") for n in task.institutions]
     )
-    expert_bytes = sum(s.size for k, s in r.manifest.shards.items() if ".experts." in k)
+    expert_bytes = sum(s.size for k, s in r.manifest.shards.items() if is_expert_key(k))
     nodes: list[tuple[str, LazyModel, HotSwapper]] = []
     for i in (1, 2):
         lazy = load_lazy_model(client, FED_MODEL, budget_bytes=expert_bytes // 2)

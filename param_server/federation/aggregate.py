@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import Array, ArrayRecord, Message
 
-from param_server.checkpoints import parse_expert_key
 from param_server.core.errors import InvalidInputError, ParamServerError
 from param_server.core.manifest import Manifest
+from param_server.core.shards import parse_expert_key, wire_key
 from param_server.federation import protocol, wire
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Layout:
         for shard_key in sorted(manifest.shards):
             expert = parse_expert_key(shard_key)
             for t in manifest.shards[shard_key].tensors:
-                key = f"{t.name}@{expert[1]}" if t.stacked and expert else t.name
+                key = wire_key(t.name, expert[1] if t.stacked and expert else None)
                 specs[key] = TensorSpec(
                     key, shard_key, t.name, t.dtype, tuple(t.shape), expert
                 )

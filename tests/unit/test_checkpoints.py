@@ -11,63 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from param_server.checkpoints import (
-    NAMING,
-    classify,
-    export_checkpoint,
-    import_checkpoint,
-)
+from param_server.checkpoints import export_checkpoint, import_checkpoint
 from param_server.core.errors import InvalidInputError, SchemaMismatchError
 from param_server.store import Store
 from tests.conftest import Checkpoint
-
-
-@pytest.mark.parametrize(
-    ("name", "key", "fused"),
-    [
-        (
-            "model.layers.3.block_sparse_moe.experts.7.w2.weight",
-            "layers.3.experts.7",
-            False,
-        ),
-        (
-            "model.layers.0.mlp.experts.12.gate_proj.weight",
-            "layers.0.experts.12",
-            False,
-        ),
-        ("model.layers.1.mlp.experts.0.down_proj.weight", "layers.1.experts.0", False),
-        ("model.layers.2.mlp.experts.gate_up_proj", "layers.2.experts.*", True),
-        ("model.layers.2.mlp.experts.down_proj", "layers.2.experts.*", True),
-        # Shared experts, routers, attention and norms are the layer's dense shard.
-        ("model.layers.1.mlp.shared_expert.up_proj.weight", "layers.1.dense", False),
-        ("model.layers.1.mlp.shared_experts.up_proj.weight", "layers.1.dense", False),
-        ("model.layers.1.mlp.shared_expert_gate.weight", "layers.1.dense", False),
-        ("model.layers.4.block_sparse_moe.gate.weight", "layers.4.dense", False),
-        ("model.layers.4.self_attn.q_proj.weight", "layers.4.dense", False),
-        (
-            "model.layers.0.mlp.gate_proj.weight",
-            "layers.0.dense",
-            False,
-        ),  # dense MLP layer
-        ("model.embed_tokens.weight", "global", False),
-        ("model.norm.weight", "global", False),
-        ("lm_head.weight", "global", False),
-    ],
-)
-def test_naming_table(name: str, key: str, fused: bool) -> None:
-    assert classify(name) == (key, fused)
-
-
-def test_table_covers_the_named_families() -> None:
-    families = {t for row in NAMING for t in row.model_types}
-    assert {
-        "mixtral",
-        "qwen2_moe",
-        "qwen3_moe",
-        "olmoe",
-        "deepseek_v2",
-        "deepseek_v3",
-    } <= families
 
 
 def all_tensors(path: Path) -> dict[str, torch.Tensor]:
