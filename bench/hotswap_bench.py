@@ -109,8 +109,12 @@ def run_fleet(
     n: int, target: str, url: str, args: argparse.Namespace, tmp: Path
 ) -> dict[str, object]:
     from loaders.client import ParamClient
-    from param_server.announce import APPLIED_PREFIX, read_fleet, redis_client
     from param_server.core import tensor_codec
+    from param_server.core.announcements import (
+        APPLIED_PREFIX,
+        read_fleet,
+        redis_client,
+    )
     from param_server.core.shards import expert_key
 
     client = ParamClient(target)

@@ -6,7 +6,7 @@ from loaders.cache import CacheStats, ExpertFetchError, LazyExpertLoader
 from loaders.client import FetchStats, ParamClient
 from loaders.hotswap import HotSwapper, SwapError
 from loaders.models import LazyModel, load_lazy_model
-from param_server.announce import NodeStatus
+from param_server.core.announcements import NodeStatus
 from param_server.core.results import CommitResult, GcResult
 from param_server.core.shards import FAMILIES, ModelFamily
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import mmap
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,6 +30,7 @@ from param_server.api.convert import (
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.core import tensor_codec
+from param_server.core.backoff import Backoff
 from param_server.core.errors import (
     ERROR_KIND_KEY,
     BusyError,
@@ -269,7 +269,8 @@ class ParamClient:
     def _retry(self, what: str, call: Callable[[], T], *, only_busy: bool = False) -> T:
         """Calls `call`, retrying busy refusals and (unless `only_busy`)
         UNAVAILABLE up to `retries` times."""
-        delay = self.backoff
+        busy = Backoff(self.backoff, 2.0, jitter=True)
+        unavailable = Backoff(self.backoff, 5.0, jitter=True)
         attempt = 0
         busy_until = time.monotonic() + BUSY_PATIENCE
         while True:
@@ -281,8 +282,7 @@ class ParamClient:
                     # the fleet takes, within BUSY_PATIENCE.
                     with self._stats_lock:
                         self.stats.busy_waits += 1
-                    time.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 2.0)
+                    busy.sleep()
                     continue
                 if only_busy or not _kind(e).retryable or attempt == self.retries:
                     raise _error(e, what) from e
@@ -295,10 +295,9 @@ class ParamClient:
                     e.code().name,
                     attempt,
                     self.retries,
-                    delay,
+                    unavailable.peek(),
                 )
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                unavailable.sleep()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Blocks until the server answers, or raises UnavailableError."""

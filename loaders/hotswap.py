@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from loaders.models import LazyModel, check_dense, check_expert_shapes, dense_state
-from param_server.announce import (
+from param_server.core.announcements import (
     APPLIED_PREFIX,
     Announcement,
     NodeStatus,
@@ -49,6 +49,7 @@ from param_server.announce import (
     redact,
     redis_client,
 )
+from param_server.core.backoff import Backoff
 from param_server.core.errors import InvalidInputError, ParamServerError
 from param_server.core.manifest import Manifest
 from param_server.core.shards import is_expert_key
@@ -376,6 +377,7 @@ class HotSwapper:
     # --- reconciling with the server ------------------------------------------------
 
     def _reconcile_loop(self) -> None:
+        backoff = Backoff(min(0.1, self.max_backoff), self.max_backoff)
         delay = 0.0
         while not self._stop.is_set():
             woke = self._wake.wait(delay or self.reconcile_interval)
@@ -386,9 +388,10 @@ class HotSwapper:
             try:
                 self._reconcile(learned)
                 delay = 0.0
+                backoff.reset()
             except (ParamServerError, OSError, RuntimeError, ValueError) as e:
                 self._report(e)
-                delay = min(max(delay * 2, 0.1), self.max_backoff)
+                delay = backoff.next()
                 logger.info(
                     "%s: retrying in %.1fs (%s)",
                     self.model,
@@ -503,7 +506,7 @@ class HotSwapper:
         return self._redis_url
 
     def _subscribe_loop(self) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, 0.5)
         failed = False
         while not self._stop.is_set():
             pubsub = None
@@ -524,7 +527,7 @@ class HotSwapper:
                             )
                         self._redis_up = True
                         failed = False
-                        delay = 0.05
+                        backoff.reset()
                         self._wake.set()
                     elif msg["type"] == "message":
                         self._on_message(msg["data"])
@@ -553,8 +556,7 @@ class HotSwapper:
                 if pubsub is not None:
                     with contextlib.suppress(redis.RedisError, OSError):
                         pubsub.close()
-            self._stop.wait(delay)
-            delay = min(delay * 2, 0.5)
+            backoff.sleep(self._stop)
 
     def _on_message(self, data: bytes) -> None:
         try:

@@ -705,7 +705,7 @@ def status(
     import redis
 
     from loaders.client import ParamClient
-    from param_server.announce import read_fleet, redis_client
+    from param_server.core.announcements import read_fleet, redis_client
 
     with ParamClient.from_url(server, credentials, retries=1, timeout=5.0) as client:
         url = redis_url or client.announce_url()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from param_server.core.backoff import Backoff
 from param_server.core.errors import RedisMissingError, RedisStartError
 
 __all__ = ["EmbeddedRedis", "RedisMissingError", "RedisStartError", "free_port"]
@@ -243,7 +244,7 @@ class EmbeddedRedis:
         return False
 
     def _supervise(self) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, 5.0)
         while not self._stopping.wait(0.1):
             with self._lock:
                 proc = self._proc
@@ -257,12 +258,11 @@ class EmbeddedRedis:
             try:
                 if self._spawn(self.port, 10.0):
                     self.restarts += 1
-                    delay = 0.05
+                    backoff.reset()
                     continue
             except OSError as e:
                 logger.error("cannot restart redis-server: %s", e)
-            delay = min(delay * 2, 5.0)
-            self._stopping.wait(delay)
+            backoff.sleep(self._stopping)
 
     def kill(self) -> None:
         """SIGKILLs the server (tests of outages; the supervisor restarts it)."""

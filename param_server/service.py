@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from param_server.announce import Announcer, redact
+from param_server.announce import Announcer
 from param_server.api.convert import (
     FETCH_DATA_FIELD,
     SERVICE_NAME,
@@ -34,6 +34,7 @@ from param_server.api.convert import (
 )
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
+from param_server.core.announcements import redact
 from param_server.core.errors import (
     ERROR_KIND_KEY,
     BusyError,

@@ -16,8 +16,9 @@ import redis
 import torch
 
 from loaders.client import ParamClient
-from param_server.announce import Announcement, Announcer, channel, redis_client
+from param_server.announce import Announcer
 from param_server.core import tensor_codec
+from param_server.core.announcements import Announcement, channel, redis_client
 from param_server.core.errors import UnavailableError
 from param_server.daemon import spawn_daemon
 from param_server.redis_server import EmbeddedRedis, free_port

@@ -18,10 +18,11 @@ from click.testing import CliRunner
 from loaders.client import ParamClient
 from loaders.hotswap import HotSwapper
 from loaders.models import LazyModel, load_lazy_model
-from param_server.announce import Announcer, channel, redis_client
+from param_server.announce import Announcer
 from param_server.checkpoints import export_checkpoint, import_checkpoint
 from param_server.cli import main
 from param_server.core import tensor_codec
+from param_server.core.announcements import channel, redis_client
 from param_server.core.shards import expert_key
 from param_server.daemon import spawn_daemon
 from param_server.redis_server import EmbeddedRedis, free_port

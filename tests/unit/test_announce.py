@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from param_server.announce import Announcement, NodeStatus, redact
+from param_server.core.announcements import Announcement, NodeStatus, redact
 from param_server.core.errors import InvalidInputError
 
 
