@@ -25,12 +25,12 @@ import torch
 
 from fed_clients.task import load_split, make_task, write_initial_checkpoint
 from fed_clients.train import TrainConfig, build_model, evaluate, train_local
-from param_server.checkpoints import import_checkpoint
 from param_server.federation.config import FederationConfig
 from param_server.federation.server import load_state
-from param_server.federation.simulation import run_simulation_rounds
-from param_server.service import ServerConfig, create_server
+from param_server.launch.simulation import run_simulation_rounds
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
         )
         srv.start()
         try:
-            from loaders.client import ParamClient
+            from param_server.client import ParamClient
 
             with ParamClient(f"127.0.0.1:{port}") as c:
                 init = load_state(c, "m", dense=False)

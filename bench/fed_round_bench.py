@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from fed_clients.task import make_task, write_initial_checkpoint
-from loaders.client import ParamClient
-from param_server.checkpoints import import_checkpoint
-from param_server.federation.deploy import LocalDeployment, write_app
-from param_server.service import ServerConfig, create_server
+from param_server.client import ParamClient
+from param_server.launch.deploy import LocalDeployment, write_app
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 
 
 def main() -> None:

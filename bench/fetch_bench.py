@@ -29,10 +29,10 @@ import grpc
 import torch
 from safetensors.torch import load_file
 
-from loaders.client import ParamClient
+from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.framing import CHUNK_BYTES, MAX_MESSAGE_BYTES
-from param_server.daemon import spawn_daemon
+from param_server.launch.daemon import spawn_daemon
 from param_server.store import Store
 
 RAW_METHOD = "/bench.Raw/Stream"

@@ -50,9 +50,9 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def node_main(args: argparse.Namespace) -> None:
-    from loaders.client import ParamClient
     from loaders.hotswap import HotSwapper
     from loaders.models import load_lazy_model
+    from param_server.client import ParamClient
 
     torch.set_num_threads(1)
     client = ParamClient(args.target)
@@ -108,7 +108,7 @@ def build_model(path: Path, args: argparse.Namespace) -> None:
 def run_fleet(
     n: int, target: str, url: str, args: argparse.Namespace, tmp: Path
 ) -> dict[str, object]:
-    from loaders.client import ParamClient
+    from param_server.client import ParamClient
     from param_server.core import tensor_codec
     from param_server.core.announcements import (
         APPLIED_PREFIX,
@@ -256,10 +256,10 @@ def main() -> None:
         node_main(args)
         return
 
-    from loaders.client import ParamClient
-    from param_server.checkpoints import import_checkpoint
-    from param_server.daemon import spawn_daemon
+    from param_server.client import ParamClient
+    from param_server.launch.daemon import spawn_daemon
     from param_server.store import Store
+    from param_server.store.checkpoints import import_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as d:
         tmp = Path(d)

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from loaders.client import ParamClient
 from loaders.models import load_lazy_model
-from param_server.checkpoints import import_checkpoint
-from param_server.daemon import spawn_daemon
+from param_server.client import ParamClient
+from param_server.launch.daemon import spawn_daemon
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 
 
 def skew_routers(model: nn.Module, bias_per_layer: list[torch.Tensor]) -> None:

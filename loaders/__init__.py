@@ -3,9 +3,9 @@ cache, transformers MoE models whose experts load on demand, and the hot
 swapper that keeps them on the newest version."""
 
 from loaders.cache import CacheStats, ExpertFetchError, LazyExpertLoader
-from loaders.client import FetchStats, ParamClient
 from loaders.hotswap import HotSwapper, SwapError
 from loaders.models import LazyModel, load_lazy_model
+from param_server.client import FetchStats, ParamClient
 from param_server.core.announcements import NodeStatus
 from param_server.core.results import CommitResult, GcResult
 from param_server.core.shards import FAMILIES, ModelFamily

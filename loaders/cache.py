@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from loaders.client import ParamClient
+from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError, NotFoundError, ParamServerError
 from param_server.core.manifest import Manifest

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from loaders.cache import LazyExpertLoader, Tensors, own_copy
-from loaders.client import ParamClient
+from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError
 from param_server.core.manifest import Manifest

@@ -1,10 +1,17 @@
-"""The MoE parameter server: versioned store, gRPC service, checkpoints and CLI."""
+"""The MoE parameter server: versioned store, gRPC service, checkpoints and CLI.
+
+Packages: `core` (the contract every side shares), `store`, `server` (the
+daemon), `client`, `federation` (the server side of Flower rounds; its wire
+format is importable alone), `launch` and `cli`. Importing this package
+loads only the contract; the rest loads on first use.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from param_server.core.auth import Credentials, Role
 from param_server.core.errors import (
     AuthenticationError,
     BusyError,
@@ -31,19 +38,29 @@ from param_server.core.manifest import (
     VersionInfo,
 )
 from param_server.core.results import CommitResult, GcResult
-from param_server.security import Credentials, Role, TokenTable
-from param_server.store import Store
 
-# Heavy imports (torch, grpc) load on first use, so the store stays fast to import.
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers
+    from param_server.core.announcements import Announcement
+    from param_server.server.announce import Announcer
+    from param_server.server.redis_server import EmbeddedRedis
+    from param_server.server.security import TokenTable
+    from param_server.server.service import ServerConfig, create_server, serve
+    from param_server.store import Store
+    from param_server.store.checkpoints import export_checkpoint, import_checkpoint
+
+# The sides load on first use, so that importing the contract (or a client)
+# never loads the server.
 _LAZY = {
-    "ServerConfig": "param_server.service",
-    "create_server": "param_server.service",
-    "serve": "param_server.service",
-    "import_checkpoint": "param_server.checkpoints",
-    "export_checkpoint": "param_server.checkpoints",
-    "Announcement": "param_server.announce",
-    "Announcer": "param_server.announce",
-    "EmbeddedRedis": "param_server.redis_server",
+    "Store": "param_server.store",
+    "TokenTable": "param_server.server.security",
+    "ServerConfig": "param_server.server.service",
+    "create_server": "param_server.server.service",
+    "serve": "param_server.server.service",
+    "import_checkpoint": "param_server.store.checkpoints",
+    "export_checkpoint": "param_server.store.checkpoints",
+    "Announcement": "param_server.core.announcements",
+    "Announcer": "param_server.server.announce",
+    "EmbeddedRedis": "param_server.server.redis_server",
 }
 
 __all__ = [

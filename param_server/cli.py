@@ -26,7 +26,7 @@ from param_server.core.errors import (
 from param_server.federation.config import SPARSE_FEDAVG, STRATEGIES
 
 if TYPE_CHECKING:
-    from param_server.security import Credentials
+    from param_server.core.auth import Credentials
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def client_options(fn: F) -> F:
         client_key: Path | None,
         **kwargs: Any,
     ) -> Any:
-        from param_server.security import Credentials
+        from param_server.core.auth import Credentials
 
         kwargs["credentials"] = Credentials.from_files(
             token=token, ca=ca_cert, cert=client_cert, key=client_key
@@ -293,9 +293,9 @@ def serve(
     --tokens-file (or $PARAM_SERVER_TOKENS) and --tls-cert/--tls-key, or an
     explicit --allow-unauthenticated.
     """
-    from param_server.security import TokenTable
-    from param_server.service import ServerConfig
-    from param_server.service import serve as run
+    from param_server.server.security import TokenTable
+    from param_server.server.service import ServerConfig
+    from param_server.server.service import serve as run
 
     tokens = (
         TokenTable.load(tokens_file)
@@ -373,7 +373,7 @@ def token_create(
     revoke a token, delete its entry and send SIGHUP.
     """
     from param_server.core.names import check_model_name
-    from param_server.security import TokenTable, hash_token, new_token
+    from param_server.server.security import TokenTable, hash_token, new_token
 
     for m in models:
         check_model_name(m)
@@ -397,7 +397,7 @@ def token_create(
 @token.command("hash")
 def token_hash() -> None:
     """Print the SHA-256 of a token read from stdin (for a tokens file)."""
-    from param_server.security import hash_token
+    from param_server.server.security import hash_token
 
     tok = sys.stdin.readline().strip()
     if not tok:
@@ -447,8 +447,8 @@ def import_(
     progress: bool,
 ) -> None:
     """Import a Hugging Face checkpoint folder as a new version."""
-    from param_server.checkpoints import import_checkpoint
     from param_server.store import Store
+    from param_server.store.checkpoints import import_checkpoint
 
     r = import_checkpoint(
         Store(store),
@@ -492,8 +492,8 @@ def export(
     progress: bool,
 ) -> None:
     """Export a version as a Hugging Face checkpoint folder."""
-    from param_server.checkpoints import export_checkpoint
     from param_server.store import Store
+    from param_server.store.checkpoints import export_checkpoint
 
     out = export_checkpoint(
         Store(store, create=False),
@@ -522,7 +522,7 @@ def versions(
 ) -> None:
     """List a model's live versions."""
     if server:
-        from loaders.client import ParamClient
+        from param_server.client import ParamClient
 
         with ParamClient.from_url(server, credentials, streams=1) as c:
             rows = c.list_versions(model)
@@ -566,7 +566,7 @@ def rollback(
     """Move a model's HEAD back to VERSION (recorded in history)."""
     author = os.environ.get("USER", "cli")
     if server:
-        from loaders.client import ParamClient
+        from param_server.client import ParamClient
 
         with ParamClient.from_url(server, credentials, streams=1) as c:
             prev, head = c.rollback(model, version, author=author, message=message)
@@ -597,7 +597,7 @@ def pin(
 ) -> None:
     """Pin VERSION so garbage collection keeps it (or --unpin)."""
     if server:
-        from loaders.client import ParamClient
+        from param_server.client import ParamClient
 
         with ParamClient.from_url(server, credentials, streams=1) as c:
             pins = c.set_pin(model, version, not unpin)
@@ -629,7 +629,7 @@ def gc(
 ) -> None:
     """Drop old versions and delete blobs nothing retained references."""
     if server:
-        from loaders.client import ParamClient
+        from param_server.client import ParamClient
 
         with ParamClient.from_url(server, credentials, streams=1) as c:
             g = c.collect_garbage(keep_last, dry_run)
@@ -704,7 +704,7 @@ def status(
 
     import redis
 
-    from loaders.client import ParamClient
+    from param_server.client import ParamClient
     from param_server.core.announcements import read_fleet, redis_client
 
     with ParamClient.from_url(server, credentials, retries=1, timeout=5.0) as client:
@@ -839,7 +839,7 @@ def demo(
 
     It prints each step; `param-server -v demo` shows the libraries' logs too.
     """
-    from param_server.demo import run_demo
+    from param_server.launch.demo import run_demo
 
     run_demo(
         store,
@@ -981,7 +981,7 @@ def _run_config(**kw: Any) -> dict[str, Any]:
 @_handle_errors
 def fed_app(dest: Path, **kw: Any) -> None:
     """Write the Flower App folder for `flwr run` (our ServerApp and ClientApp)."""
-    from param_server.federation.deploy import write_app
+    from param_server.launch.deploy import write_app
 
     write_app(dest, _run_config(**kw))
     click.echo(f"wrote {dest / 'pyproject.toml'}")
@@ -1064,7 +1064,7 @@ def federate(
             click.echo(f"round {rnd}: committed {kw['model']}@{version} from {names}")
 
     if engine == "simulation":
-        from param_server.federation.simulation import run_simulation_rounds
+        from param_server.launch.simulation import run_simulation_rounds
 
         cfg = FederationConfig.from_run_config(run_config)
         run_simulation_rounds(
@@ -1079,8 +1079,8 @@ def federate(
             ),
         )
         return
-    from loaders.client import ParamClient
-    from param_server.federation.deploy import (
+    from param_server.client import ParamClient
+    from param_server.launch.deploy import (
         FlowerSecurity,
         LocalDeployment,
         write_app,

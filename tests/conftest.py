@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loaders.client import ParamClient
-from param_server.redis_server import EmbeddedRedis
-from param_server.service import ServerConfig, create_server
+from param_server.client import ParamClient
+from param_server.server.redis_server import EmbeddedRedis
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from loaders.client import ParamClient
-from param_server.checkpoints import import_checkpoint
+from param_server.client import ParamClient
 from param_server.core.errors import ParamServerError, StoreIOError
-from param_server.daemon import DaemonProcess, spawn_daemon
-from param_server.redis_server import EmbeddedRedis, free_port
+from param_server.launch.daemon import DaemonProcess, spawn_daemon
+from param_server.server.redis_server import EmbeddedRedis, free_port
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 from tests.helpers import raw_safetensors, wait_until
 
 Say = Callable[[str], None]
@@ -317,7 +317,7 @@ def soak(
         report.lost_acknowledged = [v for v in acked if v not in versions]
         report.node_errors = sum(sw.status().errors for _, sw in live)
         dest = workdir / "soak-final"
-        from param_server.checkpoints import export_checkpoint
+        from param_server.store.checkpoints import export_checkpoint
 
         export_checkpoint(Store(store_dir), model, dest, version=final)
         with torch.no_grad():

@@ -17,8 +17,8 @@ _LAZY = {
     "FederationConfig": "param_server.federation.config",
     "make_server_app": "param_server.federation.server",
     "SparseFedAvg": "param_server.federation.strategies",
-    "LocalDeployment": "param_server.federation.deploy",
-    "run_simulation_rounds": "param_server.federation.simulation",
+    "LocalDeployment": "param_server.launch.deploy",
+    "run_simulation_rounds": "param_server.launch.simulation",
 }
 
 

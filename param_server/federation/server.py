@@ -22,7 +22,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from loaders.client import ParamClient
+from param_server.client import ParamClient
+from param_server.core.auth import Credentials
 from param_server.core.errors import InvalidInputError, StaleParentError
 from param_server.core.manifest import Manifest
 from param_server.federation import protocol, wire
@@ -44,7 +45,6 @@ from param_server.federation.identity import (
     verified_name,
 )
 from param_server.federation.strategies import SparseFedAvg, build_strategy
-from param_server.security import Credentials
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from loaders.client import ParamClient
 from loaders.models import load_lazy_model
-from param_server.checkpoints import import_checkpoint
-from param_server.service import ServerConfig, create_server
+from param_server.client import ParamClient
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint
 
 pytestmark = [
@@ -73,7 +73,7 @@ def test_cuda_hot_swap_matches_a_fresh_load(target: str) -> None:
     (no Redis here: the swapper is told to check by hand)."""
     from loaders.hotswap import HotSwapper
     from param_server.core import tensor_codec
-    from param_server.redis_server import free_port
+    from param_server.server.redis_server import free_port
 
     tag = "mixtral-float32"
     ids = torch.arange(96, device="cuda").remainder(128).view(2, 48)

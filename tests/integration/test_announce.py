@@ -15,14 +15,14 @@ import pytest
 import redis
 import torch
 
-from loaders.client import ParamClient
-from param_server.announce import Announcer
+from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.announcements import Announcement, channel, redis_client
 from param_server.core.errors import UnavailableError
-from param_server.daemon import spawn_daemon
-from param_server.redis_server import EmbeddedRedis, free_port
-from param_server.service import ServerConfig, create_server
+from param_server.launch.daemon import spawn_daemon
+from param_server.server.announce import Announcer
+from param_server.server.redis_server import EmbeddedRedis, free_port
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
 from tests.helpers import wait_until
 

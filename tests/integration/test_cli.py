@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loaders.client import ParamClient
-from param_server.daemon import DaemonProcess, spawn_daemon
+from param_server.client import ParamClient
+from param_server.launch.daemon import DaemonProcess, spawn_daemon
 from tests.conftest import Checkpoint
 
 pytestmark = pytest.mark.integration

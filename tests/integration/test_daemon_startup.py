@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loaders.client import ParamClient
+from param_server.client import ParamClient
 from param_server.core.errors import ReadOnlyStoreError
-from param_server.daemon import spawn_daemon
+from param_server.launch.daemon import spawn_daemon
 from param_server.store import Store
 from tests.conftest import remount_read_only, tmpfs
 from tests.helpers import raw_safetensors, wait_until

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from loaders.cache import LazyExpertLoader
-from loaders.client import ParamClient
-from loaders.disk_cache import DiskBlobCache
-from param_server.checkpoints import import_checkpoint
-from param_server.service import ServerConfig, create_server
+from param_server.client import ParamClient
+from param_server.client.disk_cache import DiskBlobCache
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint
 from tests.helpers import raw_safetensors
 

@@ -18,23 +18,24 @@ from flwr.clientapp import ClientApp
 from fed_clients.app import handle_train, identity
 from fed_clients.task import Task, make_task, write_initial_checkpoint
 from fed_clients.train import build_model, evaluate
-from loaders.client import ParamClient
 from loaders.hotswap import HotSwapper
 from loaders.models import load_lazy_model
-from param_server.checkpoints import import_checkpoint
-from param_server.daemon import spawn_daemon
+from param_server.client import ParamClient
+from param_server.core.auth import Credentials
 from param_server.federation import protocol, wire
 from param_server.federation.config import FederationConfig
-from param_server.federation.deploy import (
+from param_server.federation.server import AUTHOR, load_state
+from param_server.launch.daemon import spawn_daemon
+from param_server.launch.deploy import (
     FlowerSecurity,
     LocalDeployment,
     write_app,
 )
-from param_server.federation.server import AUTHOR, load_state
-from param_server.federation.simulation import run_simulation_rounds
-from param_server.security import Credentials, hash_token, new_token
-from param_server.service import ServerConfig, create_server
+from param_server.launch.simulation import run_simulation_rounds
+from param_server.server.security import hash_token, new_token
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 from tests.helpers import wait_until
 from tests.tls import make_pki
 
@@ -268,7 +269,7 @@ def test_a_round_whose_base_moved_is_not_committed_and_the_next_rebases(
 
 
 def _shards(store_path: Path, version: int) -> dict[str, dict[str, torch.Tensor]]:
-    from param_server.checkpoints import iter_shard_tensors
+    from param_server.store.checkpoints import iter_shard_tensors
 
     store = Store(store_path)
     return dict(iter_shard_tensors(store, store.get_manifest(MODEL, version)))

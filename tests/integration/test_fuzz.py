@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
-from param_server.checkpoints import import_checkpoint
 from param_server.core.errors import InvalidInputError, SchemaMismatchError
-from param_server.service import ServerConfig, create_server
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint
 from tests.helpers import raw_safetensors
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from loaders.client import ParamClient
 from param_server.api.convert import SERVICE_NAME
 from param_server.api.v1 import param_server_pb2 as pb
+from param_server.client import ParamClient
 from param_server.core import safetensors_format
 from param_server.core.errors import InvalidInputError
 from param_server.core.framing import MAX_MESSAGE_BYTES
@@ -109,7 +109,7 @@ def test_oversized_messages_are_refused_before_they_are_read(seeded: Server) -> 
 
 
 def test_a_commit_with_too_many_blobs_is_refused(tmp_path: Path) -> None:
-    from param_server.service import ServerConfig, create_server
+    from param_server.server.service import ServerConfig, create_server
 
     srv, port, _ = create_server(
         ServerConfig(store=tmp_path / "store", listen="127.0.0.1:0", max_commit_blobs=3)

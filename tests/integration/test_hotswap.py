@@ -15,19 +15,19 @@ import redis
 import torch
 from click.testing import CliRunner
 
-from loaders.client import ParamClient
 from loaders.hotswap import HotSwapper
 from loaders.models import LazyModel, load_lazy_model
-from param_server.announce import Announcer
-from param_server.checkpoints import export_checkpoint, import_checkpoint
 from param_server.cli import main
+from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.announcements import channel, redis_client
 from param_server.core.shards import expert_key
-from param_server.daemon import spawn_daemon
-from param_server.redis_server import EmbeddedRedis, free_port
-from param_server.service import ServerConfig, create_server
+from param_server.launch.daemon import spawn_daemon
+from param_server.server.announce import Announcer
+from param_server.server.redis_server import EmbeddedRedis, free_port
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import export_checkpoint, import_checkpoint
 from tests.conftest import Checkpoint
 from tests.helpers import wait_until
 from tests.integration.test_lazy import PROMPT, eager

@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-import loaders.client
-from loaders.client import ParamClient
+import param_server.client
 from param_server.api.convert import SERVICE_NAME
 from param_server.api.v1 import param_server_pb2 as pb
-from param_server.checkpoints import import_checkpoint
+from param_server.client import ParamClient
+from param_server.core.auth import Credentials
 from param_server.core.errors import (
     AuthenticationError,
     BusyError,
@@ -27,10 +27,11 @@ from param_server.core.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from param_server.daemon import spawn_daemon
-from param_server.security import Credentials, TokenTable, hash_token, new_token
-from param_server.service import ServerConfig, create_server
+from param_server.launch.daemon import spawn_daemon
+from param_server.server.security import TokenTable, hash_token, new_token
+from param_server.server.service import ServerConfig, create_server
 from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint
 from tests.helpers import raw_safetensors, wait_until
 from tests.tls import Pki, make_pki
@@ -374,12 +375,12 @@ def test_streams_beyond_the_limit_are_refused_as_busy_then_retried(
             response_deserializer=None,
         )(pb.FetchShardsRequest(model="m", shard_keys=["big"]), timeout=60)
         next(stalled)  # the header; then it reads nothing more
-        monkeypatch.setattr(loaders.client, "BUSY_PATIENCE", 0.3)
+        monkeypatch.setattr(param_server.client, "BUSY_PATIENCE", 0.3)
         with ParamClient(target, same_host=False, retries=0) as c:
             with pytest.raises(BusyError, match="server busy"):
                 c.fetch_shards("m", ["big"])
             # The idle stream is cancelled, and the next fetch gets the slot.
-            monkeypatch.setattr(loaders.client, "BUSY_PATIENCE", 10.0)
+            monkeypatch.setattr(param_server.client, "BUSY_PATIENCE", 10.0)
             t0 = time.monotonic()
             got = c.fetch_shards("m", ["big"])["big"]["w"]
             assert got.numel() == 64 << 20

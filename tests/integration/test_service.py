@@ -17,10 +17,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from safetensors.torch import load_file
 
-from loaders.client import ParamClient
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
-from param_server.checkpoints import import_checkpoint
+from param_server.client import ParamClient
 from param_server.core.errors import (
     IntegrityError,
     InvalidInputError,
@@ -29,8 +28,9 @@ from param_server.core.errors import (
     StaleParentError,
     UnavailableError,
 )
-from param_server.redis_server import free_port
-from param_server.service import ServerConfig, create_server
+from param_server.server.redis_server import free_port
+from param_server.server.service import ServerConfig, create_server
+from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint, Server
 from tests.helpers import header_bytes, raw_safetensors
 

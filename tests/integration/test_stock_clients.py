@@ -10,10 +10,10 @@ import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2
 
-from loaders.client import ParamClient
 from param_server.api.convert import manifest_to_proto
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
+from param_server.client import ParamClient
 from tests.conftest import Server
 from tests.helpers import raw_safetensors
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from param_server.checkpoints import export_checkpoint, import_checkpoint
 from param_server.core.errors import InvalidInputError, SchemaMismatchError
 from param_server.store import Store
+from param_server.store.checkpoints import export_checkpoint, import_checkpoint
 from tests.conftest import Checkpoint
 
 
@@ -274,7 +274,7 @@ def test_a_checkpoint_without_recognised_experts_warns_or_is_refused(
     src = tmp_path / "llama"
     LlamaForCausalLM(cfg).save_pretrained(src)
     store = Store(tmp_path / "store")
-    with caplog.at_level("WARNING", logger="param_server.checkpoints"):
+    with caplog.at_level("WARNING", logger="param_server.store.checkpoints"):
         r = import_checkpoint(store, src, "dense")
     assert set(r.manifest.shards) == {"global", "layers.0.dense", "layers.1.dense"}
     (warning,) = [rec.getMessage() for rec in caplog.records]

@@ -20,7 +20,7 @@ from param_server.core.errors import (
     kind_of,
     status_name,
 )
-from param_server.service import status_for
+from param_server.server.service import status_for
 
 
 def _error_classes() -> list[type[ParamServerError]]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from param_server import redis_server
-from param_server.redis_server import free_port
+from param_server.server import redis_server
+from param_server.server.redis_server import free_port
 
 
 def _bindable(port: int) -> bool:

@@ -7,23 +7,22 @@ from pathlib import Path
 
 import pytest
 
+from param_server.core.auth import Credentials, Role
 from param_server.core.errors import (
     AuthenticationError,
     InvalidInputError,
     PermissionDeniedError,
 )
-from param_server.security import (
+from param_server.server.security import (
     ANY_MODEL,
     Authorizer,
-    Credentials,
-    Role,
     TokenTable,
     bearer_token,
     hash_token,
     is_local_peer,
     new_token,
 )
-from param_server.service import ServerConfig
+from param_server.server.service import ServerConfig
 
 
 def table(*entries: dict[str, object]) -> TokenTable:

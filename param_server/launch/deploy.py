@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from param_server.core.errors import ParamServerError
-from param_server.redis_server import free_port
+from param_server.server.redis_server import free_port
 
 logger = logging.getLogger(__name__)
 

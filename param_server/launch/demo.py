@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 import click
 import torch
 
-from param_server.checkpoints import export_checkpoint, import_checkpoint
 from param_server.core.errors import StaleParentError
 from param_server.core.shards import expert_key, is_expert_key
-from param_server.daemon import spawn_daemon
+from param_server.launch.daemon import spawn_daemon
 from param_server.store import Store
+from param_server.store.checkpoints import export_checkpoint, import_checkpoint
 
 if TYPE_CHECKING:
     from fed_clients.task import Task
-    from loaders.client import ParamClient
+    from param_server.client import ParamClient
     from param_server.federation.config import FederationConfig
 
 
@@ -43,7 +43,7 @@ def run_demo(
     from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from loaders.client import ParamClient
+    from param_server.client import ParamClient
 
     if not verbose:
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -340,7 +340,7 @@ def _federated_rounds(
         )
         t0 = time.perf_counter()
         if engine == "simulation":
-            from param_server.federation.simulation import run_simulation_rounds
+            from param_server.launch.simulation import run_simulation_rounds
 
             results = run_simulation_rounds(
                 config,
@@ -373,7 +373,7 @@ def _deployment_rounds(
 ) -> list[int]:
     """The same rounds through a SuperLink and one SuperNode per institution."""
 
-    from param_server.federation.deploy import (
+    from param_server.launch.deploy import (
         FlowerRunError,
         LocalDeployment,
         write_app,

@@ -24,7 +24,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from param_server.announce import Announcer
 from param_server.api.convert import (
     FETCH_DATA_FIELD,
     SERVICE_NAME,
@@ -35,6 +34,7 @@ from param_server.api.convert import (
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.core.announcements import redact
+from param_server.core.auth import Role, is_loopback_host, read_pem
 from param_server.core.errors import (
     ERROR_KIND_KEY,
     BusyError,
@@ -57,16 +57,9 @@ from param_server.core.framing import (
 )
 from param_server.core.manifest import Manifest
 from param_server.core.names import check_model_name, check_shard_key
-from param_server.redis_server import EmbeddedRedis
-from param_server.security import (
-    ANY_MODEL,
-    Authorizer,
-    Principal,
-    Role,
-    TokenTable,
-    is_loopback_host,
-    read_pem,
-)
+from param_server.server.announce import Announcer
+from param_server.server.redis_server import EmbeddedRedis
+from param_server.server.security import ANY_MODEL, Authorizer, Principal, TokenTable
 from param_server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -101,7 +94,7 @@ class ServerConfig:
     grace_seconds: float = 10.0
     """How long SIGTERM waits for running RPCs before cancelling them."""
     announce: bool = True
-    """Publish every new version on Redis pub/sub (see param_server.announce)."""
+    """Publish every new version on Redis pub/sub (see param_server.server.announce)."""
     redis_url: str | None = None
     """Redis to announce on; None starts a private redis-server on a free
     loopback port (when `announce` is on)."""
