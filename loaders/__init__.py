@@ -5,7 +5,7 @@ swapper that keeps them on the newest version."""
 from loaders.cache import CacheStats, ExpertFetchError, LazyExpertLoader
 from loaders.hotswap import HotSwapper, SwapError
 from loaders.models import LazyModel, load_lazy_model
-from param_server.client import FetchStats, ParamClient
+from param_server.client import DiskBlobCache, FetchStats, ParamClient
 from param_server.core.announcements import NodeStatus
 from param_server.core.results import CommitResult, GcResult
 from param_server.core.shards import FAMILIES, ModelFamily
@@ -16,6 +16,7 @@ __all__ = [
     "FAMILIES",
     "CacheStats",
     "CommitResult",
+    "DiskBlobCache",
     "ExpertFetchError",
     "FetchStats",
     "GcResult",
