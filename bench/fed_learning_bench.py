@@ -28,7 +28,8 @@ from fed_clients.train import TrainConfig, build_model, evaluate, train_local
 from param_server.federation.config import FederationConfig
 from param_server.federation.server import load_state
 from param_server.launch.simulation import run_simulation_rounds
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.config import ServerConfig
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from fed_clients.task import make_task, write_initial_checkpoint
 from param_server.client import ParamClient
 from param_server.launch.deploy import LocalDeployment, write_app
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.config import ServerConfig
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 

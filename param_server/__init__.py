@@ -42,9 +42,10 @@ from param_server.core.results import CommitResult, GcResult
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers
     from param_server.core.announcements import Announcement
     from param_server.server.announce import Announcer
+    from param_server.server.config import ServerConfig
     from param_server.server.redis_server import EmbeddedRedis
     from param_server.server.security import TokenTable
-    from param_server.server.service import ServerConfig, create_server, serve
+    from param_server.server.service import create_server, serve
     from param_server.store import Store
     from param_server.store.checkpoints import export_checkpoint, import_checkpoint
 
@@ -53,7 +54,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers
 _LAZY = {
     "Store": "param_server.store",
     "TokenTable": "param_server.server.security",
-    "ServerConfig": "param_server.server.service",
+    "ServerConfig": "param_server.server.config",
     "create_server": "param_server.server.service",
     "serve": "param_server.server.service",
     "import_checkpoint": "param_server.store.checkpoints",

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from param_server.client import ParamClient
+from param_server.server.config import ServerConfig
 from param_server.server.redis_server import EmbeddedRedis
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.service import create_server
 from param_server.store import Store
 
 

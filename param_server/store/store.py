@@ -803,6 +803,10 @@ class Store:
             )
         return new.pinned
 
+    def collect_garbage(self, keep_last: int = 10, dry_run: bool = False) -> GcResult:
+        """`gc`, as `ParamClient.collect_garbage` names it (see `VersionAdmin`)."""
+        return self.gc(keep_last, dry_run=dry_run)
+
     def gc(self, keep_last: int = 10, *, dry_run: bool = False) -> GcResult:
         """Drops all but the newest `keep_last` versions (plus pinned ones and
         HEAD) of every model, then deletes blobs no retained version references

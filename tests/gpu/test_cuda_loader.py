@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from loaders.models import load_lazy_model
 from param_server.client import ParamClient
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.config import ServerConfig
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint

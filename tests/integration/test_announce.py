@@ -21,8 +21,9 @@ from param_server.core.announcements import Announcement, channel, redis_client
 from param_server.core.errors import UnavailableError
 from param_server.launch.daemon import spawn_daemon
 from param_server.server.announce import Announcer
+from param_server.server.config import ServerConfig
 from param_server.server.redis_server import EmbeddedRedis, free_port
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.service import create_server
 from param_server.store import Store
 from tests.helpers import wait_until
 

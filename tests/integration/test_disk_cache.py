@@ -12,7 +12,8 @@ import torch
 from loaders.cache import LazyExpertLoader
 from param_server.client import ParamClient
 from param_server.client.disk_cache import DiskBlobCache
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.config import ServerConfig
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint

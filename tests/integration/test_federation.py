@@ -32,8 +32,9 @@ from param_server.launch.deploy import (
     write_app,
 )
 from param_server.launch.simulation import run_simulation_rounds
+from param_server.server.config import ServerConfig
 from param_server.server.security import hash_token, new_token
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 from tests.helpers import wait_until

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.core.errors import InvalidInputError, SchemaMismatchError
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.config import ServerConfig
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint

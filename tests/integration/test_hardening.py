@@ -109,7 +109,8 @@ def test_oversized_messages_are_refused_before_they_are_read(seeded: Server) -> 
 
 
 def test_a_commit_with_too_many_blobs_is_refused(tmp_path: Path) -> None:
-    from param_server.server.service import ServerConfig, create_server
+    from param_server.server.config import ServerConfig
+    from param_server.server.service import create_server
 
     srv, port, _ = create_server(
         ServerConfig(store=tmp_path / "store", listen="127.0.0.1:0", max_commit_blobs=3)

@@ -24,8 +24,9 @@ from param_server.core.announcements import channel, redis_client
 from param_server.core.shards import expert_key
 from param_server.launch.daemon import spawn_daemon
 from param_server.server.announce import Announcer
+from param_server.server.config import ServerConfig
 from param_server.server.redis_server import EmbeddedRedis, free_port
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import export_checkpoint, import_checkpoint
 from tests.conftest import Checkpoint

@@ -17,7 +17,8 @@ from loaders.cache import ExpertFetchError, LazyExpertLoader
 from loaders.models import LazyModel, load_lazy_model
 from param_server.client import ParamClient
 from param_server.core.errors import InvalidInputError, UnavailableError
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.config import ServerConfig
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint

@@ -28,8 +28,9 @@ from param_server.core.errors import (
     UnavailableError,
 )
 from param_server.launch.daemon import spawn_daemon
+from param_server.server.config import ServerConfig
 from param_server.server.security import TokenTable, hash_token, new_token
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.service import create_server
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint

@@ -28,8 +28,9 @@ from param_server.core.errors import (
     StaleParentError,
     UnavailableError,
 )
+from param_server.server.config import ServerConfig
 from param_server.server.redis_server import free_port
-from param_server.server.service import ServerConfig, create_server
+from param_server.server.service import create_server
 from param_server.store.checkpoints import import_checkpoint
 from tests.conftest import Checkpoint, Server
 from tests.helpers import header_bytes, raw_safetensors

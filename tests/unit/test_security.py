@@ -13,6 +13,7 @@ from param_server.core.errors import (
     InvalidInputError,
     PermissionDeniedError,
 )
+from param_server.server.config import ServerConfig
 from param_server.server.security import (
     ANY_MODEL,
     Authorizer,
@@ -22,7 +23,6 @@ from param_server.server.security import (
     is_local_peer,
     new_token,
 )
-from param_server.server.service import ServerConfig
 
 
 def table(*entries: dict[str, object]) -> TokenTable:
