@@ -163,7 +163,7 @@ def test_gc_keep_last_zero_is_refused_the_same_offline_and_through_the_daemon(
         # Unset still means the documented default (10), not 0.
         from param_server.api.v1 import param_server_pb2 as pb
 
-        r = c._stubs[0].CollectGarbage(pb.CollectGarbageRequest(dry_run=True))
+        r = c._conn.stubs[0].CollectGarbage(pb.CollectGarbageRequest(dry_run=True))
         assert list(r.dropped_versions) == []
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-import param_server.client
+import param_server.client.channel
 from param_server.api.convert import SERVICE_NAME
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.client import ParamClient
@@ -376,12 +376,12 @@ def test_streams_beyond_the_limit_are_refused_as_busy_then_retried(
             response_deserializer=None,
         )(pb.FetchShardsRequest(model="m", shard_keys=["big"]), timeout=60)
         next(stalled)  # the header; then it reads nothing more
-        monkeypatch.setattr(param_server.client, "BUSY_PATIENCE", 0.3)
+        monkeypatch.setattr(param_server.client.channel, "BUSY_PATIENCE", 0.3)
         with ParamClient(target, same_host=False, retries=0) as c:
             with pytest.raises(BusyError, match="server busy"):
                 c.fetch_shards("m", ["big"])
             # The idle stream is cancelled, and the next fetch gets the slot.
-            monkeypatch.setattr(param_server.client, "BUSY_PATIENCE", 10.0)
+            monkeypatch.setattr(param_server.client.channel, "BUSY_PATIENCE", 10.0)
             t0 = time.monotonic()
             got = c.fetch_shards("m", ["big"])["big"]["w"]
             assert got.numel() == 64 << 20
