@@ -18,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests import faults  # noqa: E402
+from bench import faults  # noqa: E402
 
 PARTS = ("kills", "fsize", "soak", "streams")
 
@@ -32,9 +34,9 @@ def say(msg: str) -> None:
 
 def tiny_checkpoint(dest: Path) -> Path:
     """The tests' tiny Mixtral (float32), saved with small shards."""
-    from tests.conftest import _mixtral
+    from param_server.launch.tiny import tiny_mixtral
 
-    _mixtral().save_pretrained(dest, max_shard_size="40KB")
+    tiny_mixtral(dtype=torch.float32).save_pretrained(dest, max_shard_size="40KB")
     return dest
 
 

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from loaders.models import load_lazy_model
 from param_server.client import ParamClient
+from param_server.core.shards import is_expert_key
 from param_server.launch.daemon import spawn_daemon
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
@@ -133,7 +134,7 @@ def main() -> None:
         )
         MixtralForCausalLM(cfg).save_pretrained(work / "ckpt")
         r = import_checkpoint(Store(work / "store"), work / "ckpt", "bench")
-        sizes = [s.size for k, s in r.manifest.shards.items() if ".experts." in k]
+        sizes = [s.size for k, s in r.manifest.shards.items() if is_expert_key(k)]
         total = sum(sizes)
         prompt = torch.randint(0, 1024, (args.batch, 8))
         long_prompt = torch.randint(0, 1024, (1, args.prefill))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from param_server.client import ParamClient
+from param_server.launch.tiny import tiny_mixtral
 from param_server.server.config import ServerConfig
 from param_server.server.redis_server import EmbeddedRedis
 from param_server.server.service import create_server
@@ -19,22 +20,7 @@ from param_server.store import Store
 
 
 def _mixtral(dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MixtralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        dtype=dtype,
-    )
-    return MixtralForCausalLM(cfg).to(dtype).eval()
+    return tiny_mixtral(dtype=dtype)
 
 
 def _qwen3_moe(dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]

@@ -40,10 +40,11 @@ def run_demo(
 
     It prints one line per step; `verbose` adds the libraries' logs and
     progress bars."""
-    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from param_server.client import ParamClient
+    from param_server.launch.tiny import tiny_mixtral
 
     if not verbose:
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -52,19 +53,9 @@ def run_demo(
     with tempfile.TemporaryDirectory(prefix="param-server-demo-") as tmp:
         work = Path(tmp)
         store = store_dir or work / "store"
-        torch.manual_seed(0)
-        cfg = MixtralConfig(
-            vocab_size=512,
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=experts,
-            num_experts_per_tok=2,
-            max_position_embeddings=256,
+        model = tiny_mixtral(
+            layers=layers, experts=experts, hidden=hidden, vocab=512, max_positions=256
         )
-        model = MixtralForCausalLM(cfg).eval()  # type: ignore[no-untyped-call]
         ckpt = work / "tiny-mixtral"
         model.save_pretrained(ckpt, max_shard_size="2MB")
         n_files = len(list(ckpt.glob("*.safetensors")))
@@ -135,7 +126,7 @@ def run_demo(
 
             out = export_checkpoint(Store(store), "tiny-mixtral", work / "exported")
             again = AutoModelForCausalLM.from_pretrained(out).eval()  # type: ignore[no-untyped-call]
-            ids = torch.randint(0, cfg.vocab_size, (1, 32))
+            ids = torch.randint(0, model.config.vocab_size, (1, 32))
             with torch.no_grad():
                 same = torch.equal(model(ids).logits, again(ids).logits)
             say(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import faults
+from bench import faults
 from tests.conftest import Checkpoint
 
 pytestmark = pytest.mark.integration

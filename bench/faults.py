@@ -21,15 +21,24 @@ from pathlib import Path
 import torch
 
 from param_server.client import ParamClient
+from param_server.core import tensor_codec
 from param_server.core.errors import ParamServerError, StoreIOError
+from param_server.core.shards import is_expert_key
 from param_server.launch.daemon import DaemonProcess, spawn_daemon
 from param_server.server.redis_server import EmbeddedRedis, free_port
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
-from tests.helpers import raw_safetensors, wait_until
 
 Say = Callable[[str], None]
 KEYS = [f"layers.{i // 8}.experts.{i % 8}" for i in range(16)] + ["global"]
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout}s waiting for {what}")
+        time.sleep(0.01)
 
 
 def _quiet(_: str) -> None:
@@ -37,7 +46,8 @@ def _quiet(_: str) -> None:
 
 
 def _shard(rng: random.Random, size: int) -> bytes:
-    return raw_safetensors({"w": rng.randbytes(size)})
+    data = torch.frombuffer(bytearray(rng.randbytes(size)), dtype=torch.uint8)
+    return tensor_codec.encode({"w": data})
 
 
 # --- SIGKILL during commits ------------------------------------------------------
@@ -172,7 +182,7 @@ def file_size_limit(workdir: Path, limit: int = 1 << 20) -> dict[str, object]:
     cmd += ["--port-file", str(port_file)]
     proc = subprocess.Popen(cmd, preexec_fn=limit_files, stderr=subprocess.PIPE)
     try:
-        wait_until(port_file.exists, 60, "the daemon to start")
+        _wait_until(port_file.exists, 60, "the daemon to start")
         target = f"127.0.0.1:{port_file.read_text()}"
         with ParamClient(target, same_host=False, retries=0) as c:
             try:
@@ -233,9 +243,12 @@ def soak(
     """Commits `commits` versions while `nodes` live nodes follow them; Redis
     is killed and restarted `redis_restarts` times and the daemon
     `daemon_restarts` times (SIGKILL, same port) along the way."""
+    from transformers import AutoModelForCausalLM
+
     from loaders.hotswap import HotSwapper
     from loaders.models import load_lazy_model
-    from tests.integration.test_lazy import PROMPT, eager
+
+    prompt = torch.arange(3, 3 + 2 * 48).remainder(128).view(2, 48)
 
     model = "soak"
     store_dir = workdir / "soak-store"
@@ -250,7 +263,7 @@ def soak(
     try:
         writer = ParamClient(daemon.target, same_host=False, retries=6)
         m = writer.get_manifest(model)
-        experts = [k for k in m.shards if ".experts." in k]
+        experts = [k for k in m.shards if is_expert_key(k)]
         base = writer.fetch_shards(model, experts, manifest=m)
         for i in range(nodes):
             c = ParamClient(daemon.target, same_host=False, retries=6, backoff=0.05)
@@ -259,7 +272,7 @@ def soak(
                 lm, redis_url=redis.url, heartbeat_interval=1.0, reconcile_interval=600
             ).start()
             live.append((lm, sw))
-            wait_until(lambda sw=sw: sw.status().redis_connected, 15, f"node {i}")
+            _wait_until(lambda sw=sw: sw.status().redis_connected, 15, f"node {i}")
         step = commits // (redis_restarts + daemon_restarts + 1)
         fault_at = {step * (j + 1): "redis" for j in range(redis_restarts)}
         fault_at |= {
@@ -311,7 +324,7 @@ def soak(
         report.final_version = final
         for _, sw in live:
             sw.wait_for_version(final, 60)
-        wait_until(lambda: (converge_check(), not pending)[1], 60, "convergence")
+        _wait_until(lambda: (converge_check(), not pending)[1], 60, "convergence")
         report.nodes_on_final = sum(sw.applied_version == final for _, sw in live)
         versions = {v.version for v in writer.list_versions(model)}
         report.lost_acknowledged = [v for v in acked if v not in versions]
@@ -321,9 +334,15 @@ def soak(
 
         export_checkpoint(Store(store_dir), model, dest, version=final)
         with torch.no_grad():
-            ref = eager(dest)(PROMPT).logits
+            ref = (
+                AutoModelForCausalLM.from_pretrained(
+                    dest, dtype="auto", experts_implementation="eager"
+                )
+                .eval()(prompt)
+                .logits
+            )
             report.logits_match = all(
-                torch.equal(lm.model(PROMPT).logits, ref) for lm, _ in live
+                torch.equal(lm.model(prompt).logits, ref) for lm, _ in live
             )
         writer.close()
     finally:
