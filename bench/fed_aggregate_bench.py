@@ -50,7 +50,7 @@ def _child(variant: str, clients: int, mib: int) -> dict[str, float]:
     from param_server.federation.aggregate import (
         ClientUpdate,
         Layout,
-        TensorSpec,
+        WireTensor,
         merge_into_record,
         parse_reply,
         sparse_average,
@@ -79,7 +79,7 @@ def _child(variant: str, clients: int, mib: int) -> dict[str, float]:
             )
         )
     layout = Layout(
-        {k: TensorSpec(k, k.rsplit(".", 1)[0], k, "F32", (numel,), None) for k in keys}
+        {k: WireTensor(k, k.rsplit(".", 1)[0], k, "F32", (numel,), None) for k in keys}
     )
     current = wire.to_record({k: torch.zeros(numel) for k in keys})
     current_t = wire.from_record(current)

@@ -15,7 +15,7 @@ import redis
 from param_server.core.announcements import (
     APPLIED_PREFIX,
     NodeStatus,
-    node_key,
+    node_status_key,
     redis_client,
 )
 from param_server.core.errors import ParamServerError
@@ -59,7 +59,7 @@ class Heartbeat:
                 if r is None:
                     r = redis_client(self._url())
                 ttl = max(1, int(self.interval * 3 + 0.999))
-                key = node_key(self.model, self.node_id)
+                key = node_status_key(self.model, self.node_id)
                 r.set(key, self._status().to_json(), ex=ttl)
                 while self._applied_log:
                     version, at, flip_us = self._applied_log[0]

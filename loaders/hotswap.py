@@ -33,7 +33,7 @@ from loaders.subscriber import Subscriber
 from param_server.core.announcements import (
     Announcement,
     NodeStatus,
-    node_key,
+    node_status_key,
     redis_client,
 )
 from param_server.core.errors import InvalidInputError, ParamServerError
@@ -165,7 +165,7 @@ class HotSwapper:
             return
         with contextlib.suppress(redis.RedisError, OSError, ParamServerError):
             r = redis_client(url)
-            r.delete(node_key(self.model, self.node_id))
+            r.delete(node_status_key(self.model, self.node_id))
             r.close()
 
     def __enter__(self) -> HotSwapper:

@@ -38,7 +38,7 @@ BUSY_PATIENCE = 120.0
 
 
 def _kind(e: grpc.RpcError) -> ErrorKind:
-    """The kind of error a failed call is (see errors.ERRORS)."""
+    """The kind of error a failed call is (see core.errors.ERRORS)."""
     trailers = e.trailing_metadata() or ()
     name = next((v for k, v in trailers if k == ERROR_KIND_KEY), None)
     kind = kind_for(e.code().name, name if isinstance(name, str) else None)

@@ -234,7 +234,7 @@ class NodeStatus:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def node_key(model: str, node: str) -> str:
+def node_status_key(model: str, node: str) -> str:
     return f"{NODE_KEY_PREFIX}{model}:{node}"
 
 

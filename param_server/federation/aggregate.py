@@ -30,7 +30,7 @@ class UpdateRejectedError(ParamServerError):
 
 
 @dataclass(frozen=True, slots=True)
-class TensorSpec:
+class WireTensor:
     """One tensor of the model as it crosses the wire."""
 
     key: str
@@ -48,16 +48,16 @@ class TensorSpec:
 class Layout:
     """Every tensor of one model version, by wire key (from its manifest)."""
 
-    specs: dict[str, TensorSpec]
+    specs: dict[str, WireTensor]
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> Layout:
-        specs: dict[str, TensorSpec] = {}
+        specs: dict[str, WireTensor] = {}
         for shard_key in sorted(manifest.shards):
             expert = parse_expert_key(shard_key)
             for t in manifest.shards[shard_key].tensors:
                 key = wire_key(t.name, expert[1] if t.stacked and expert else None)
-                specs[key] = TensorSpec(
+                specs[key] = WireTensor(
                     key, shard_key, t.name, t.dtype, tuple(t.shape), expert
                 )
         return cls(specs)
@@ -239,7 +239,7 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def weight_of(update: ClientUpdate, spec: TensorSpec, by_tokens: bool) -> float:
+def weight_of(update: ClientUpdate, spec: WireTensor, by_tokens: bool) -> float:
     if by_tokens and spec.expert is not None:
         return update.expert_tokens[spec.expert]
     return float(update.num_examples)

@@ -52,7 +52,7 @@ AUTHOR = "federation"
 
 
 @dataclass(slots=True)
-class ModelState:
+class RoundBase:
     """The version a round starts from, as the server holds it."""
 
     manifest: Manifest
@@ -102,7 +102,7 @@ def last_federated_round(
     return 0
 
 
-def load_state(client: ParamClient, model: str, dense: bool) -> ModelState:
+def load_state(client: ParamClient, model: str, dense: bool) -> RoundBase:
     """HEAD of `model`, every tensor fetched and verified, ready to send."""
     manifest = client.get_manifest(model)
     if "config.json" not in manifest.files:
@@ -122,7 +122,7 @@ def load_state(client: ParamClient, model: str, dense: bool) -> ModelState:
         t = shards[spec.shard][spec.name]
         tensors[key] = t
         arrays[key], sent[key] = wire.encode(t, dense)
-    return ModelState(
+    return RoundBase(
         manifest,
         layout,
         tensors,
@@ -475,7 +475,7 @@ class Federation:
             for key, arr in st.arrays.items():
                 out[key] = wire.encode(new[key], dense=True)[0] if key in new else arr
             arrays = out
-        self.state = ModelState(
+        self.state = RoundBase(
             r.manifest, st.layout, tensors, arrays, st.sent_dtypes, st.config_json, rnd
         )
 

@@ -114,7 +114,7 @@ class FlowerSecurity:
     """Start the SuperLink with --enable-supernode-auth."""
 
 
-def node_key(path: Path) -> Path:
+def write_node_keypair(path: Path) -> Path:
     """Writes a SuperNode key pair (OpenSSH ECDSA P-384, what Flower accepts):
     the private key at `path` (mode 0600) and the public key at `path`.pub.
     Returns the public key's path."""
@@ -287,7 +287,7 @@ class LocalDeployment:
             auth = ["--root-certificates", str(sec.ca)]
             if sec.node_auth:
                 key = self.workdir / "keys" / institution
-                pub = node_key(key)
+                pub = write_node_keypair(key)
                 if registered:
                     self.register(pub, institution)
                 auth += ["--auth-supernode-private-key", str(key)]

@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 
 def status_for(e: ParamServerError) -> grpc.StatusCode:
-    """The gRPC status code for one of our errors (see errors.ERRORS)."""
+    """The gRPC status code for one of our errors (see core.errors.ERRORS)."""
     return grpc.StatusCode[status_name(e)]
 
 

@@ -34,8 +34,8 @@ from param_server.federation import protocol, wire
 from param_server.federation.aggregate import (
     ClientUpdate,
     Layout,
-    TensorSpec,
     UpdateRejectedError,
+    WireTensor,
     all_finite,
     merge_into_record,
     parse_reply,
@@ -101,11 +101,11 @@ def test_truncated_or_unknown_arrays_are_refused_clearly() -> None:
 
 def _layout() -> Layout:
     specs = [
-        TensorSpec("dense.w", "layers.0.dense", "dense.w", "F32", (2, 2), None),
-        TensorSpec("e0.w", "layers.0.experts.0", "e0.w", "F32", (3,), (0, 0)),
-        TensorSpec("e1.w", "layers.0.experts.1", "e1.w", "F32", (3,), (0, 1)),
-        TensorSpec("e2.w", "layers.0.experts.2", "e2.w", "BF16", (2,), (0, 2)),
-        TensorSpec("head", "global", "head", "F32", (2,), None),
+        WireTensor("dense.w", "layers.0.dense", "dense.w", "F32", (2, 2), None),
+        WireTensor("e0.w", "layers.0.experts.0", "e0.w", "F32", (3,), (0, 0)),
+        WireTensor("e1.w", "layers.0.experts.1", "e1.w", "F32", (3,), (0, 1)),
+        WireTensor("e2.w", "layers.0.experts.2", "e2.w", "BF16", (2,), (0, 2)),
+        WireTensor("head", "global", "head", "F32", (2,), None),
     ]
     return Layout({s.key: s for s in specs})
 
@@ -279,7 +279,7 @@ def test_low_precision_means_are_correctly_rounded(dtype: torch.dtype) -> None:
     ]
     xs[3][: n // 3] = 0  # where it sends zeros, pairs 0 and 2 cancel exactly
     weights = (5, 7, 5, 2)
-    spec = TensorSpec("x", "global", "x", "F", (n,), None)
+    spec = WireTensor("x", "global", "x", "F", (n,), None)
     updates = [
         ClientUpdate(node_id=i, institution=f"i{i}", num_examples=w, tensors={"x": x})
         for i, (x, w) in enumerate(zip(xs, weights, strict=True))
