@@ -18,6 +18,7 @@ from param_server.api.convert import FETCH_DATA_FIELD
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.client.channel import Connection
 from param_server.client.disk_cache import DiskBlobCache, VerifiedMapper
+from param_server.core.blob_layout import blob_path, store_id_path
 from param_server.core.errors import IntegrityError
 from param_server.core.framing import parse_bytes_field
 from param_server.core.manifest import Manifest
@@ -257,7 +258,7 @@ class BlobFetcher:
                     )
                     self._local_checked = True
                     root = Path(info.blob_root)
-                    if (root.parent / "STORE_ID").read_text().strip() == info.store_id:
+                    if store_id_path(root).read_text().strip() == info.store_id:
                         self._blob_root = root
                         logger.info(
                             "same-host store at %s: mapping blobs directly", root
@@ -274,7 +275,7 @@ class BlobFetcher:
         if root is None:
             return None
         try:
-            mm = self._mapper.map(root / digest[:2] / digest, digest, size)
+            mm = self._mapper.map(blob_path(root, digest), digest, size)
         except IntegrityError as e:
             logger.warning("local blob failed its digest (%s); streaming instead", e)
             return None

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from param_server.core.blob_layout import STORE_ID_FILE, blob_path
 from param_server.core.errors import (
     IntegrityError,
     InvalidInputError,
@@ -341,7 +342,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root).absolute()
-        id_path = self.root / "STORE_ID"
+        id_path = self.root / STORE_ID_FILE
         if not id_path.exists():
             if not create:
                 raise NotFoundError(f"no parameter store at {self.root}")
@@ -404,7 +405,7 @@ class Store:
     def blob_path(self, digest: str) -> Path:
         """Where the blob with this digest lives (it may not exist)."""
         check_digest(digest)
-        return self.blob_root / digest[:2] / digest
+        return blob_path(self.blob_root, digest)
 
     def _model_dir(self, model: str) -> Path:
         return self.root / "models" / check_model_name(model)
