@@ -15,6 +15,7 @@ the budget, and miss latency p50/p99.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -27,12 +28,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
+from loaders.eviction import FrequencyPolicy, LRUPolicy
 from loaders.models import load_lazy_model
 from param_server.client import ParamClient
 from param_server.core.shards import is_expert_key
 from param_server.launch.daemon import spawn_daemon
 from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
+
+POLICY = {"frequency": FrequencyPolicy, "lru": LRUPolicy}
 
 
 def skew_routers(model: nn.Module, bias_per_layer: list[torch.Tensor]) -> None:
@@ -113,6 +117,10 @@ def main() -> None:
         help="weight of the Zipf log-prior against the router's logits",
     )
     ap.add_argument("--repeat", type=int, default=3, help="decode runs (median)")
+    ap.add_argument(
+        "--policies", default="frequency", help="eviction policies: frequency, lru"
+    )
+    ap.add_argument("--transports", default="grpc,same-host")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -172,12 +180,16 @@ def main() -> None:
                     )
                 )
                 del eager
-                for same_host in (False, True):
-                    transport = "same-host" if same_host else "gRPC"
+                for transport, policy in itertools.product(
+                    args.transports.split(","), args.policies.split(",")
+                ):
+                    same_host = transport == "same-host"
                     for frac in budgets:
                         budget = max(max(sizes), int(total * frac))
                         with ParamClient(daemon.target, same_host=same_host) as c:
-                            lm = load_lazy_model(c, "bench", budget_bytes=budget)
+                            lm = load_lazy_model(
+                                c, "bench", budget_bytes=budget, policy=POLICY[policy]()
+                            )
                             if routing == "zipf":
                                 skew_routers(lm.model, biases)
                             decode_tps(lm.model, prompt, args.new_tokens)  # warm-up
@@ -190,7 +202,7 @@ def main() -> None:
                             rows.append(
                                 (
                                     routing,
-                                    transport,
+                                    f"{transport}, {policy}",
                                     f"{frac:.1%}",
                                     tps,
                                     tps / e_tps,
@@ -204,7 +216,8 @@ def main() -> None:
                             )
                             lm.close()
                             print(
-                                f"{routing:>5} {transport:>9} {frac:>6.1%}: "
+                                f"{routing:>5} {transport:>9} {policy:>9} "
+                                f"{frac:>6.1%}: "
                                 f"{tps:7.1f} tok/s ({tps / e_tps:.2f} x eager), "
                                 f"hit {st.hit_rate:.1%}",
                                 flush=True,
@@ -217,8 +230,8 @@ def main() -> None:
         f"{args.prefill} tokens; {platform.node()}, {os.cpu_count()} cores\n"
     )
     head = (
-        "| routing | experts via | budget | decode tok/s | ÷ eager | prefill s | "
-        "hit rate | peak resident / budget | miss p50 ms | miss p99 ms |"
+        "| routing | experts via, eviction | budget | decode tok/s | ÷ eager | "
+        "prefill s | hit rate | peak resident / budget | miss p50 ms | miss p99 ms |"
     )
     print(head)
     print("|" + "---|" * 10)

@@ -3,6 +3,7 @@ cache, transformers MoE models whose experts load on demand, and the hot
 swapper that keeps them on the newest version."""
 
 from loaders.cache import CacheStats, ExpertFetchError, LazyExpertLoader
+from loaders.eviction import EvictionPolicy, FrequencyPolicy, LRUPolicy
 from loaders.hotswap import HotSwapper, SwapError
 from loaders.models import LazyModel, load_lazy_model
 from param_server.client import DiskBlobCache, FetchStats, ParamClient
@@ -17,10 +18,13 @@ __all__ = [
     "CacheStats",
     "CommitResult",
     "DiskBlobCache",
+    "EvictionPolicy",
     "ExpertFetchError",
     "FetchStats",
+    "FrequencyPolicy",
     "GcResult",
     "HotSwapper",
+    "LRUPolicy",
     "LazyExpertLoader",
     "LazyFamily",
     "LazyModel",

@@ -6,14 +6,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
+from loaders.eviction import EvictionPolicy, FrequencyPolicy
 from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError, NotFoundError, ParamServerError
@@ -35,40 +35,6 @@ def own_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
 
 def _keep(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
     return {n: own_copy(t, pin) for n, t in tensors.items()}
-
-
-class EvictionPolicy(Protocol):
-    """Chooses which resident experts go first when room is needed.
-
-    Called with the loader's lock held; keys are content digests. The loader
-    skips candidates that are in use or pinned.
-    """
-
-    def used(self, key: str) -> None: ...
-    def added(self, key: str) -> None: ...
-    def removed(self, key: str) -> None: ...
-    def victims(self) -> Iterable[str]:
-        """Resident keys, first to evict first."""
-        ...
-
-
-class LRUPolicy:
-    """Least recently used first (the default)."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[str, None] = OrderedDict()
-
-    def used(self, key: str) -> None:
-        self._order.move_to_end(key)
-
-    def added(self, key: str) -> None:
-        self._order[key] = None
-
-    def removed(self, key: str) -> None:
-        self._order.pop(key, None)
-
-    def victims(self) -> Iterable[str]:
-        return list(self._order)
 
 
 class ExpertFetchError(ParamServerError):
@@ -121,10 +87,10 @@ class LazyExpertLoader:
 
     Resident experts are bounded in bytes (`budget_bytes`, counting experts
     being fetched); the expert the eviction policy names first (by default the
-    least recently used) that no forward pass holds and nobody pinned is
-    evicted first. Entries are keyed by content digest,
-    so a new version of an expert is a new entry and an unchanged one is
-    shared across versions.
+    least frequently used, with ageing: see `loaders.eviction`) that no
+    forward pass holds and nobody pinned is evicted first. Entries are keyed
+    by content digest, so a new version of an expert is a new entry and an
+    unchanged one is shared across versions.
 
     Args:
         client: the server connection.
@@ -135,7 +101,8 @@ class LazyExpertLoader:
         prepare: turns a shard's tensors into what the model uses (for
             example gate and up concatenated); the default keeps them.
         prefetch_workers: threads that warm experts ahead of use.
-        policy: eviction order (LRUPolicy by default).
+        policy: eviction order (FrequencyPolicy by default; LRUPolicy and
+            your own `EvictionPolicy` plug in the same way).
 
     Raises:
         InvalidInputError: a budget of zero, negative or below one expert.
@@ -178,7 +145,7 @@ class LazyExpertLoader:
         )
         self._lock = threading.Condition()
         self._entries: dict[str, _Entry] = {}
-        self._policy: EvictionPolicy = policy or LRUPolicy()
+        self._policy: EvictionPolicy = policy or FrequencyPolicy()
         self._flights: dict[str, _Flight] = {}
         self._pinned_keys: set[tuple[int, int]] = set()
         self._resident = 0  # bytes of entries plus reservations of flights

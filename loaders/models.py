@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from loaders.cache import LazyExpertLoader, Tensors, own_copy
+from loaders.eviction import EvictionPolicy
 from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError
@@ -137,12 +138,14 @@ def load_lazy_model(
     budget_bytes: int,
     version: int | None = None,
     device: str | torch.device = "cpu",
+    policy: EvictionPolicy | None = None,
 ) -> LazyModel:
     """Builds `model` from the server with lazily loaded experts.
 
     Dense and global weights are fetched and loaded; each layer's experts
     module keeps its forward contract but holds no weights: it asks the
-    loader for the experts its router picks.
+    loader for the experts its router picks. `policy` orders evictions
+    (`FrequencyPolicy` by default; see `loaders.eviction`).
 
     Raises:
         UnavailableError: the server stayed unreachable (after retries).
@@ -184,6 +187,7 @@ def load_lazy_model(
         budget_bytes=budget_bytes,
         device=device,
         prepare=_prepare_for(family, shapes, model),
+        policy=policy,
     )
     for i, experts in moe_layers.items():
         # Plain attributes (not submodules): what lazy_experts_forward reads.
