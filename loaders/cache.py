@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 from loaders.eviction import EvictionPolicy, FrequencyPolicy
+from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError, NotFoundError, ParamServerError
 from param_server.core.manifest import Manifest
-from param_server.core.shards import expert_key, is_expert_key
+from param_server.core.shards import expert_key, is_expert_key, parse_expert_key
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class LazyExpertLoader:
         prepare: Prepare | None = None,
         prefetch_workers: int = 1,
         policy: EvictionPolicy | None = None,
+        slots: ExpertSlots | None = None,
     ) -> None:
         if budget_bytes <= 0:
             raise InvalidInputError(
@@ -154,6 +156,9 @@ class LazyExpertLoader:
         self._prefetcher = ThreadPoolExecutor(
             max_workers=prefetch_workers, thread_name_prefix="expert-prefetch"
         )
+        self._slots: ExpertSlots | None = None
+        if slots is not None:
+            self.use_slots(slots)
 
     @classmethod
     def for_model(
@@ -267,19 +272,26 @@ class LazyExpertLoader:
         """Fetches claimed experts in one call and installs them, one ref held."""
         t0 = time.perf_counter()
         keys = {key: (e, digest, size) for e, (key, digest, size) in mine.items()}
+        placed: list[tuple[int, int]] = []
         try:
             blobs = self.client.fetch_blobs(manifest, list(keys))
             prepared: dict[str, tuple[Tensors, torch.cuda.Event | None]] = {}
             for key, buf in blobs.items():
-                e = keys[key][0]
+                e, digest, _ = keys[key]
                 raw = tensor_codec.decode(buf, f"{manifest.model}:{key}")
                 # Own storage (never a view keeping the blob alive); on CUDA it
                 # is page-locked so the copy below is an async DMA.
-                prepared[key] = self._to_device(
-                    self._prepare(layer, e, raw, self._cuda)
-                )
+                host = self._prepare(layer, e, raw, self._cuda)
+                with self._lock:
+                    dst = self._slots.place(layer, e, digest) if self._slots else None
+                if dst is not None:
+                    placed.append((layer, e))
+                prepared[key] = self._to_device(host, dst)
         except (ParamServerError, RuntimeError, ValueError) as err:
             with self._lock:
+                for slot in placed:
+                    assert self._slots is not None
+                    self._slots.release(*slot)
                 for _, digest, size in keys.values():
                     self._flights.pop(digest).done.set_exception(
                         ExpertFetchError(str(err))
@@ -312,12 +324,25 @@ class LazyExpertLoader:
             self._lock.notify_all()
         return {e: prepared[key][0] for key, (e, _, _) in keys.items()}
 
-    def _to_device(self, ts: Tensors) -> tuple[Tensors, torch.cuda.Event | None]:
+    def _to_device(
+        self, ts: Tensors, dst: Tensors | None = None
+    ) -> tuple[Tensors, torch.cuda.Event | None]:
+        """`ts` on the loader's device: in `dst` (an expert's slot) when given,
+        else in new tensors."""
         if not self._cuda:
-            return ts, None
+            if dst is None:
+                return ts, None
+            for n, t in dst.items():
+                t.copy_(ts[n])
+            return dst, None
         assert self._copy_stream is not None
         with torch.cuda.stream(self._copy_stream):
-            out = {n: t.to(self.device, non_blocking=True) for n, t in ts.items()}
+            if dst is None:
+                out = {n: t.to(self.device, non_blocking=True) for n, t in ts.items()}
+            else:
+                out = dst
+                for n, t in dst.items():
+                    t.copy_(ts[n], non_blocking=True)
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record(self._copy_stream)
         # The pinned host buffers may be dropped now: PyTorch's host allocator
@@ -478,6 +503,67 @@ class LazyExpertLoader:
                 pass
         return self._stats.bytes_fetched - before
 
+    # --- every expert in its slot (a budget that holds them all) ----------------
+
+    def _all_experts_bytes(self) -> int:
+        return sum(s.size for k, s in self.manifest.shards.items() if is_expert_key(k))
+
+    def use_slots(self, slots: ExpertSlots) -> None:
+        """Puts fetched experts into their slots in the model (see
+        `loaders.slots`); the budget must hold every expert."""
+        if self.budget_bytes < self._all_experts_bytes():
+            raise InvalidInputError(
+                f"slots need a budget that holds every expert "
+                f"({self._all_experts_bytes()} bytes), got {self.budget_bytes}"
+            )
+        self._slots = slots
+
+    def fill_slots(self) -> None:
+        """Brings every expert of the served version into its slot, pinned,
+        and makes the current stream wait for the copies."""
+        assert self._slots is not None
+        by_layer: dict[int, list[int]] = {}
+        for key in self.manifest.shards:
+            parsed = parse_expert_key(key)
+            if parsed is not None and parsed in self._slots:
+                by_layer.setdefault(parsed[0], []).append(parsed[1])
+        for layer, experts in sorted(by_layer.items()):
+            self.pin(layer, sorted(experts))
+        with self._lock:
+            self._repoint(self.manifest)  # the same bytes in two slots
+        if self._cuda:
+            assert self._copy_stream is not None
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    def count_hits(self, n: int) -> None:
+        """Counts `n` uses of experts in their slots (each is a hit)."""
+        with self._lock:
+            self._stats.hits += n
+
+    def missing_slots(self, manifest: Manifest) -> list[tuple[int, int]]:
+        """Experts of `manifest` that are neither in their slot nor cached:
+        `switch` to it would have nothing to copy for them."""
+        if self._slots is None:
+            return []
+        with self._lock:
+            return self._slots.missing(
+                manifest, {d: e.tensors for d, e in self._entries.items()}
+            )
+
+    def _repoint(self, manifest: Manifest) -> None:
+        """Copies `manifest`'s experts into their slots. Needs the lock, and
+        no forward pass running."""
+        assert self._slots is not None
+        views = self._slots.repoint(
+            manifest,
+            {d: e.tensors for d, e in self._entries.items()},
+            {d: e.ready for d, e in self._entries.items()},
+        )
+        for digest, slot in views.items():
+            entry = self._entries.get(digest)
+            if entry is not None:
+                entry.tensors, entry.ready = slot, None
+
     def residency(self) -> tuple[set[str], set[tuple[int, int]]]:
         """(digests resident now, pinned (layer, expert) pairs)."""
         with self._lock:
@@ -496,6 +582,8 @@ class LazyExpertLoader:
         } - keep
         dropped = 0
         with self._lock:
+            if self._slots is not None:
+                self._repoint(manifest)
             self.manifest = manifest
             for layer, e in self._pinned_keys:
                 key = expert_key(layer, e)
@@ -523,6 +611,12 @@ class LazyExpertLoader:
             raise InvalidInputError(
                 f"expert budget of {budget_bytes} bytes cannot hold one expert "
                 f"({largest} bytes)"
+            )
+        if self._slots is not None and budget_bytes < self._all_experts_bytes():
+            raise InvalidInputError(
+                "this loader keeps every expert in its slot in the model (its "
+                "budget held them all); load the model again with the smaller "
+                "budget instead"
             )
         with self._lock:
             self.budget_bytes = budget_bytes

@@ -21,6 +21,7 @@ from torch import nn
 
 from loaders.cache import LazyExpertLoader, Tensors, own_copy
 from loaders.eviction import EvictionPolicy
+from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
 from param_server.core import tensor_codec
 from param_server.core.errors import InvalidInputError
@@ -100,6 +101,17 @@ def lazy_experts_forward(
     return final_hidden_states
 
 
+def _count_hits(loader: LazyExpertLoader):  # type: ignore[no-untyped-def]
+    def hook(
+        module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> None:
+        index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+        if isinstance(index, torch.Tensor):
+            loader.count_hits(index.numel())
+
+    return hook
+
+
 def _register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
@@ -117,6 +129,9 @@ class LazyModel:
     family: ModelFamily
     expert_shapes: dict[str, tuple[int, ...]]
     """Fused per-expert parameter -> shape the model expects."""
+    experts_implementation: str = "eager"
+    """What computes the experts: transformers' implementation of that name
+    when every expert is in its slot, else the eager loop on cached experts."""
 
     def close(self) -> None:
         self.loader.close()
@@ -139,12 +154,18 @@ def load_lazy_model(
     version: int | None = None,
     device: str | torch.device = "cpu",
     policy: EvictionPolicy | None = None,
+    experts_implementation: str | None = None,
 ) -> LazyModel:
     """Builds `model` from the server with lazily loaded experts.
 
-    Dense and global weights are fetched and loaded; each layer's experts
-    module keeps its forward contract but holds no weights: it asks the
-    loader for the experts its router picks. `policy` orders evictions
+    Dense and global weights are fetched and loaded. When `budget_bytes`
+    holds every expert, each experts module keeps its fused parameters and
+    every expert is fetched into its slot there (see `loaders.slots`): the
+    model runs transformers' own `experts_implementation` (None: the
+    transformers default, `grouped_mm` where it can run) exactly as the
+    resident model does. Below that, each experts module holds no weights
+    and asks the loader for the experts its router picks, computing
+    transformers' eager experts loop on them. `policy` orders evictions
     (`FrequencyPolicy` by default; see `loaders.eviction`).
 
     Raises:
@@ -166,9 +187,16 @@ def load_lazy_model(
     config = AutoConfig.for_model(**cfg_dict)
     family = lazy_family(config.model_type)
     dtype = getattr(config, "dtype", None) or torch.float32
+    extra = (
+        {}
+        if experts_implementation is None
+        else {"experts_implementation": experts_implementation}
+    )
     with no_init_weights():  # allocations stay untouched until dropped or loaded
-        net = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)  # type: ignore[no-untyped-call]
     net.eval()
+    every_expert = sum(s.size for k, s in manifest.shards.items() if is_expert_key(k))
+    in_slots = budget_bytes >= every_expert
     # Layers with a dense MLP instead (DeepSeek-V3's first layers) have none.
     moe_layers = {
         i: experts
@@ -176,9 +204,12 @@ def load_lazy_model(
         if (experts := _get(layer, family.experts_path)) is not None
     }
     shapes: dict[str, tuple[int, ...]] = {}
+    fused: dict[str, tuple[torch.Size, torch.dtype]] = {}
     for experts in moe_layers.values():
         for param, _ in family.params:
-            shapes[param] = tuple(getattr(experts, param).shape[1:])
+            t = getattr(experts, param)
+            shapes[param] = tuple(t.shape[1:])
+            fused[param] = (t.shape, t.dtype)
             delattr(experts, param)  # never touched, so never resident
     check_expert_shapes(manifest, family, shapes)
     loader = LazyExpertLoader(
@@ -189,28 +220,45 @@ def load_lazy_model(
         prepare=_prepare_for(family, shapes, model),
         policy=policy,
     )
-    for i, experts in moe_layers.items():
-        # Plain attributes (not submodules): what lazy_experts_forward reads.
-        experts.__dict__["_lazy_loader"] = loader
-        experts.__dict__["_lazy_layer"] = i
+    if not in_slots:
+        for i, experts in moe_layers.items():
+            # Plain attributes (not submodules): what lazy_experts_forward reads.
+            experts.__dict__["_lazy_loader"] = loader
+            experts.__dict__["_lazy_layer"] = i
     state = dense_state(client, manifest, None, family)
     check_dense(net, state, manifest, complete=True)
     net.load_state_dict(state, strict=False, assign=True)
     if getattr(net.config, "tie_word_embeddings", False):
         net.tie_weights()
+    if in_slots:  # the slots, allocated where they will live, filled below
+        for experts in moe_layers.values():
+            for param, (shape, dt) in fused.items():
+                empty = torch.empty(shape, dtype=dt, device=device)
+                experts.register_parameter(param, nn.Parameter(empty, False))
     net.to(device)
-    net.config._experts_implementation = IMPLEMENTATION
-    for module in net.modules():
-        if hasattr(module, "_lazy_loader"):
-            module.config._experts_implementation = IMPLEMENTATION
+    if in_slots:
+        loader.use_slots(ExpertSlots(moe_layers, [p for p, _ in family.params]))
+        loader.fill_slots()
+        for experts in moe_layers.values():
+            # Every routed expert is a hit; counted from shapes, no sync.
+            experts.register_forward_pre_hook(_count_hits(loader), with_kwargs=True)
+        runs = str(net.config._experts_implementation)
+    else:
+        runs = "eager"
+        net.config._experts_implementation = IMPLEMENTATION
+        for module in net.modules():
+            if hasattr(module, "_lazy_loader"):
+                module.config._experts_implementation = IMPLEMENTATION
     logger.info(
-        "lazy model %s@%d on %s, expert budget %d bytes",
+        "lazy model %s@%d on %s, expert budget %d bytes (%s), experts run %s",
         model,
         manifest.version,
         device,
         budget_bytes,
+        "every expert in its slot" if in_slots else "experts on demand",
+        runs,
     )
-    return LazyModel(net, loader, manifest, family, shapes)
+    return LazyModel(net, loader, manifest, family, shapes, runs)
 
 
 def check_expert_shapes(

@@ -46,7 +46,7 @@ class Live:
     target: str
     redis: EmbeddedRedis
     client: ParamClient
-    refs: dict[int, str] = field(default_factory=dict)
+    refs: dict[tuple[int, str], str] = field(default_factory=dict)
     nodes: list[tuple[LazyModel, HotSwapper]] = field(default_factory=list)
 
     def node(self, fraction: float = 0.5, **kw: object) -> tuple[LazyModel, HotSwapper]:
@@ -84,15 +84,18 @@ class Live:
             }
         return self.client.commit(MODEL, m.version, shards).manifest.version
 
-    def ref(self, version: int, tmp: Path) -> str:
-        """SHA-256 of the eager model's logits for PROMPT at `version`."""
-        if version not in self.refs:
-            dest = export_checkpoint(
-                Store(self.root), MODEL, tmp / f"v{version}", version=version
-            )
+    def ref(self, version: int, tmp: Path, implementation: str = "eager") -> str:
+        """SHA-256 of the resident model's logits for PROMPT at `version`
+        (transformers' eager experts loop unless another is named)."""
+        if (version, implementation) not in self.refs:
+            dest = tmp / f"v{version}"
+            if not dest.exists():
+                export_checkpoint(Store(self.root), MODEL, dest, version=version)
             with torch.no_grad():
-                self.refs[version] = digest(eager(dest)(PROMPT).logits)
-        return self.refs[version]
+                self.refs[(version, implementation)] = digest(
+                    eager(dest, implementation)(PROMPT).logits
+                )
+        return self.refs[(version, implementation)]
 
 
 def digest(t: torch.Tensor) -> str:
@@ -199,6 +202,31 @@ def test_serving_thread_sees_exactly_one_version_per_pass(
     assert st.last_flip_us is not None and st.last_flip_us < 100_000
     # Replaced experts of old versions do not linger beside the new ones.
     assert lm.loader.stats().resident_bytes <= lm.loader.budget_bytes
+
+
+@pytest.mark.parametrize("live", ["mixtral-bfloat16"], indirect=True)
+def test_a_node_with_every_expert_in_its_slot_swaps_exactly(
+    live: Live, tmp_path: Path
+) -> None:
+    """A full budget: the model runs transformers' default experts
+    implementation on its own fused parameters; a hot swap copies the new
+    experts into their slots at the flip, and a rollback copies the old ones
+    back, each version's logits those of the resident model of it."""
+    lm, sw = live.node(1.0)
+    impl = lm.experts_implementation
+    assert impl == "grouped_mm"
+    assert logits(lm) == live.ref(1, tmp_path, impl)
+    v2 = live.bump(experts=((0, 0), (0, 3), (1, 1)), dense=("layers.1.dense",))
+    assert sw.wait_for_version(v2, 10)
+    assert logits(lm) == live.ref(v2, tmp_path, impl) != live.ref(1, tmp_path, impl)
+    v3 = live.bump(experts=tuple((layer, e) for layer in range(2) for e in range(4)))
+    assert sw.wait_for_version(v3, 10)
+    assert logits(lm) == live.ref(v3, tmp_path, impl)
+    sw.pin(1)
+    assert sw.wait_for_version(1, 10)
+    assert logits(lm) == live.ref(1, tmp_path, impl)
+    st = lm.loader.stats()
+    assert st.resident_bytes <= lm.loader.budget_bytes and sw.status().errors == 0
 
 
 def test_generation_holds_one_version(live: Live) -> None:

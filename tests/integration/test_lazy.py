@@ -17,6 +17,7 @@ from loaders.cache import ExpertFetchError, LazyExpertLoader
 from loaders.models import LazyModel, load_lazy_model
 from param_server.client import ParamClient
 from param_server.core.errors import InvalidInputError, UnavailableError
+from param_server.core.shards import is_expert_key
 from param_server.server.config import ServerConfig
 from param_server.server.service import create_server
 from param_server.store import Store
@@ -59,10 +60,11 @@ def client(served: Served) -> Iterator[ParamClient]:
         yield c
 
 
-def eager(path: Path) -> torch.nn.Module:
-    """The reference: transformers' own model with its eager experts loop."""
+def eager(path: Path, implementation: str = "eager") -> torch.nn.Module:
+    """The reference: transformers' own resident model, with its eager experts
+    loop unless another implementation is named."""
     m = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto", experts_implementation="eager"
+        path, dtype="auto", experts_implementation=implementation
     )
     return m.eval()  # type: ignore[no-any-return]
 
@@ -70,7 +72,7 @@ def eager(path: Path) -> torch.nn.Module:
 def expert_sizes(client: ParamClient, model: str) -> tuple[int, int]:
     """(total bytes of all experts, bytes of the largest)."""
     sizes = [
-        s.size for k, s in client.get_manifest(model).shards.items() if ".experts." in k
+        s.size for k, s in client.get_manifest(model).shards.items() if is_expert_key(k)
     ]
     return sum(sizes), max(sizes)
 
@@ -90,8 +92,17 @@ PROMPT = torch.arange(3, 3 + 2 * 48).remainder(128).view(2, 48)
 def test_logits_equal_eager_at_every_budget(
     client: ParamClient, checkpoints: dict[str, Checkpoint], tag: str, fraction: float
 ) -> None:
+    """Below a full budget the eager loop runs on cached experts; at a full
+    budget every expert is in its slot and the configured implementation runs
+    (here eager); either way the logits are the resident model's."""
     ref = eager(checkpoints[tag].path)
-    lm = lazy(client, tag, fraction)
+    total, largest = expert_sizes(client, tag)
+    lm = load_lazy_model(
+        client,
+        tag,
+        budget_bytes=max(largest, int(total * fraction)),
+        experts_implementation="eager",
+    )
     try:
         with torch.no_grad():
             for _ in range(2):  # a second pass runs on what the first left cached
@@ -125,7 +136,7 @@ def test_greedy_generation_is_identical(
 
 
 def test_only_routed_experts_are_fetched(client: ParamClient) -> None:
-    lm = lazy(client, "mixtral-float32", 1.0)
+    lm = lazy(client, "mixtral-float32", 0.9)  # a full budget fetches all at load
     try:
         with torch.no_grad():
             lm.model(PROMPT[:1, :1])  # one token routes to top-2 experts per layer
@@ -292,7 +303,9 @@ def test_server_gone_mid_serving(
     with ParamClient(
         f"127.0.0.1:{port}", retries=2, backoff=0.01, same_host=False
     ) as c:
-        lm = lazy(c, tag, 1.0)
+        # Experts on demand (a budget a byte short of them all, so that
+        # resize below can evict), everything cached after one pass.
+        lm = load_lazy_model(c, tag, budget_bytes=expert_sizes(c, tag)[0] - 1)
         with torch.no_grad():
             want = ref(PROMPT).logits
             assert torch.equal(lm.model(PROMPT).logits, want)  # everything now cached
@@ -433,3 +446,69 @@ def test_other_table_families_equal_eager(tmp_path: Path, model_type: str) -> No
             lm.close()
     finally:
         srv.stop(0)
+
+
+IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm"]
+
+
+@pytest.mark.parametrize(
+    "model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"]
+)
+def test_a_full_budget_runs_the_stock_experts_implementations_exactly(
+    tmp_path: Path, checkpoints: dict[str, Checkpoint], model_type: str
+) -> None:
+    """Every expert in its slot: transformers' own experts implementations run
+    on the model's own fused parameters, so the logits are the resident
+    model's under each implementation, bit for bit, and the forward never
+    asks the loader for an expert."""
+    if model_type in ("mixtral", "qwen3_moe"):
+        path = checkpoints[f"{model_type}-bfloat16"].path
+    else:
+        torch.manual_seed(0)
+        path = tmp_path / "ckpt"
+        AutoModelForCausalLM.from_config(_table_family(model_type)).save_pretrained(
+            path
+        )
+    import_checkpoint(Store(tmp_path / "s"), path, model_type)
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
+    )
+    srv.start()
+    try:
+        with ParamClient(f"127.0.0.1:{port}") as c:
+            total, _ = expert_sizes(c, model_type)
+            for implementation in IMPLEMENTATIONS:
+                lm = load_lazy_model(
+                    c,
+                    model_type,
+                    budget_bytes=total,
+                    experts_implementation=implementation,
+                )
+                assert lm.experts_implementation == implementation
+                fetches = lm.loader.stats().fetches
+                with torch.no_grad():
+                    got = lm.model(PROMPT).logits
+                    want = eager(path, implementation)(PROMPT).logits
+                assert torch.equal(want, got), implementation
+                st = lm.loader.stats()
+                assert st.fetches == fetches and st.hits > 0  # all from the slots
+                assert st.peak_resident_bytes <= lm.loader.budget_bytes
+                lm.close()
+    finally:
+        srv.stop(0)
+
+
+def test_the_default_is_transformers_default_and_shrinking_is_refused(
+    client: ParamClient,
+) -> None:
+    total, largest = expert_sizes(client, "mixtral-float32")
+    lm = load_lazy_model(client, "mixtral-float32", budget_bytes=total)
+    try:
+        assert lm.experts_implementation == "grouped_mm"
+        with pytest.raises(InvalidInputError, match="load the model again"):
+            lm.loader.resize(largest)
+    finally:
+        lm.close()
+    below = load_lazy_model(client, "mixtral-float32", budget_bytes=total - 1)
+    assert below.experts_implementation == "eager"  # experts on demand
+    below.close()

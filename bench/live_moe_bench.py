@@ -1,0 +1,237 @@
+"""A live MoE served through the param-server against the same model resident.
+
+    python bench/live_moe_bench.py                      # CPU, small
+    python bench/live_moe_bench.py --device cuda --hidden 2048 --inter 768 \\
+        --experts 128 --top-k 8 --layers 8 --dtype bfloat16   # the realistic one
+
+Builds a Qwen3-MoE-shaped model from a config (random weights, nothing
+downloaded), imports it into a store served by a real daemon, and measures
+greedy decode (batch 1 and 16) and prefill for: the resident model loaded
+with transformers' default experts implementation (`grouped_mm` where it
+runs), and `load_lazy_model` at each budget (experts over the same-host path;
+at 100 % every expert sits in its slot of the model's own parameters and the
+same implementation runs; below, experts come on demand). Tokens/s, the
+ratio to resident, hit rate, peak resident expert bytes against the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers.initialization import no_init_weights
+
+from loaders.models import load_lazy_model
+from param_server.client import ParamClient
+from param_server.core.shards import is_expert_key
+from param_server.launch.daemon import spawn_daemon
+from param_server.store import Store
+from param_server.store.checkpoints import import_checkpoint
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decode_runs(model: nn.Module, prompt: torch.Tensor, new: int) -> float:
+    """Tokens/s (all sequences of the batch) of one greedy generation."""
+    args = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+    with torch.no_grad():
+        sync(str(prompt.device))
+        t = time.perf_counter()
+        model.generate(prompt, **args, pad_token_id=0)
+        sync(str(prompt.device))
+    return new * prompt.shape[0] / (time.perf_counter() - t)
+
+
+def decode_tps(model: nn.Module, prompt: torch.Tensor, new: int, repeat: int) -> float:
+    decode_runs(model, prompt, new)  # warm-up
+    return statistics.median(decode_runs(model, prompt, new) for _ in range(repeat))
+
+
+def interleaved(
+    a: nn.Module, b: nn.Module, prompt: torch.Tensor, new: int, repeat: int
+) -> tuple[float, float]:
+    """Median tokens/s of `a` and of `b`, their runs alternating (so that a
+    drift of the machine's speed hits both alike)."""
+    decode_runs(a, prompt, new)
+    decode_runs(b, prompt, new)
+    ra, rb = [], []
+    for _ in range(repeat):
+        ra.append(decode_runs(a, prompt, new))
+        rb.append(decode_runs(b, prompt, new))
+    return statistics.median(ra), statistics.median(rb)
+
+
+def prefill_s(model: nn.Module, prompt: torch.Tensor, repeat: int) -> float:
+    runs = []
+    with torch.no_grad():
+        model(prompt)
+        for _ in range(repeat):
+            sync(str(prompt.device))
+            t = time.perf_counter()
+            model(prompt)
+            sync(str(prompt.device))
+            runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--inter", type=int, default=256, help="moe_intermediate_size")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--budgets", default="1.0,0.5,0.25")
+    ap.add_argument(
+        "--small-budget-batches",
+        default="1",
+        help="batches run below a 100%% budget (the eager loop is slow at 16)",
+    )
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter * 4,
+        moe_intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=4096,
+        dtype=dtype,
+    )
+    with tempfile.TemporaryDirectory(prefix="live-moe-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+        model.save_pretrained(work / "ckpt")
+        del model
+        r = import_checkpoint(Store(work / "store"), work / "ckpt", "live")
+        sizes = [s.size for k, s in r.manifest.shards.items() if is_expert_key(k)]
+        total = sum(sizes)
+        print(
+            f"Qwen3-MoE shape: {args.layers} layers x {args.experts} experts "
+            f"(top-{args.top_k}), hidden {args.hidden}, moe_intermediate "
+            f"{args.inter}, {args.dtype}: {total / 2**30:.2f} GiB of experts, "
+            f"{sizes[0] / 2**20:.1f} MiB each; built and imported in "
+            f"{time.perf_counter() - t0:.0f} s; device {device}"
+            + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+            + f"; {platform.node()}; torch {torch.__version__}",
+            flush=True,
+        )
+        batches = [int(b) for b in args.batches.split(",")]
+        small = {int(b) for b in args.small_budget_batches.split(",")}
+        gen = torch.Generator().manual_seed(1)
+        prompts = {
+            b: torch.randint(0, args.vocab, (b, 16), generator=gen).to(device)
+            for b in batches
+        }
+        long = torch.randint(0, args.vocab, (1, args.prefill), generator=gen)
+        long = long.to(device)
+        rows: list[tuple[str, int, float, float, str, str]] = []
+        resident = AutoModelForCausalLM.from_pretrained(work / "ckpt", dtype=dtype)
+        resident = resident.to(device).eval()
+        impl = resident.config._experts_implementation
+        base: dict[int, float] = {}
+        base_pre = prefill_s(resident, long, args.repeat)
+        rows.append(
+            (f"resident ({impl}), prefill", args.prefill, base_pre, 1.0, "-", "-")
+        )
+        with spawn_daemon(work / "store", announce=False) as daemon:
+            for frac in (float(f) for f in args.budgets.split(",")):
+                budget = max(max(sizes), int(total * frac))
+                with ParamClient(daemon.target) as c:
+                    lm = load_lazy_model(c, "live", budget_bytes=budget, device=device)
+                    label = f"lazy {frac:.1%} ({lm.experts_implementation})"
+                    for b in batches:
+                        if frac < 1.0 and b not in small:
+                            continue
+                        lm.loader.reset_stats()
+                        if b not in base:  # first budget: runs alternate
+                            base[b], tps = interleaved(
+                                resident,
+                                lm.model,
+                                prompts[b],
+                                args.new_tokens,
+                                args.repeat,
+                            )
+                            rows.append(
+                                (f"resident ({impl})", b, base[b], 1.0, "-", "-")
+                            )
+                        else:
+                            tps = decode_tps(
+                                lm.model, prompts[b], args.new_tokens, args.repeat
+                            )
+                        st = lm.loader.stats()
+                        rows.append(
+                            (
+                                label,
+                                b,
+                                tps,
+                                tps / base[b],
+                                f"{st.hit_rate:.1%}",
+                                f"{st.peak_resident_bytes / 2**30:.2f} / "
+                                f"{budget / 2**30:.2f} GiB",
+                            )
+                        )
+                        print(rows[-1], flush=True)
+                    if frac == 1.0:
+                        pre = prefill_s(lm.model, long, args.repeat)
+                        again = prefill_s(resident, long, args.repeat)
+                        base_pre = min(base_pre, again)  # the better of two
+                        pre = min(pre, prefill_s(lm.model, long, args.repeat))
+                        rows[0] = (rows[0][0], args.prefill, base_pre, 1.0, "-", "-")
+                        rows.append(
+                            (
+                                label + ", prefill",
+                                args.prefill,
+                                pre,
+                                base_pre / pre,
+                                "-",
+                                "-",
+                            )
+                        )
+                        print(rows[-1], flush=True)
+                    lm.close()
+                    del lm
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+    print(
+        "\n| configuration | batch (prefill: tokens) | tok/s (prefill: s) | "
+        "÷ resident | hit rate | peak resident / budget |"
+    )
+    print("|---|---|---|---|---|---|")
+    for label, b, v, ratio, hit, peak in rows:
+        print(f"| {label} | {b} | {v:.3f} | {ratio:.2f} | {hit} | {peak} |")
+
+
+if __name__ == "__main__":
+    main()
