@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from loaders.cache import ExpertFetchError
 from loaders.gate import Prepared, SwapError, SwapGate
 from loaders.models import LazyModel, check_dense, check_expert_shapes, dense_state
 from param_server.core.backoff import Backoff
@@ -136,6 +137,14 @@ class Reconciler:
         # Replacements sit beside the experts they replace until the flip
         # drops those: evicting for them would cost serving its working set.
         self.lazy.loader.warm(target, warm, evict=False)
+        # With every expert in its slot, the flip copies each new expert from
+        # its cache entry: all of them must be there (they are pinned).
+        missing = self.lazy.loader.missing_slots(target)
+        if missing:
+            raise ExpertFetchError(
+                f"{where}: experts {missing[:3]} were not brought in "
+                f"({len(missing)} missing); retrying"
+            )
         logger.info(
             "%s prepared: %d dense shards, %d resident experts refreshed, %d "
             "other experts marked",

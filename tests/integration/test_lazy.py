@@ -512,3 +512,31 @@ def test_the_default_is_transformers_default_and_shrinking_is_refused(
     below = load_lazy_model(client, "mixtral-float32", budget_bytes=total - 1)
     assert below.experts_implementation == "eager"  # experts on demand
     below.close()
+
+
+def test_a_switch_in_slots_needs_every_new_expert_cached_first(
+    checkpoints: dict[str, Checkpoint], tmp_path: Path
+) -> None:
+    tag = "qwen3_moe-float32"
+    store = Store(tmp_path / "s")
+    import_checkpoint(store, checkpoints[tag].path, tag)
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
+    )
+    srv.start()
+    try:
+        with ParamClient(f"127.0.0.1:{port}") as c:
+            lm = load_lazy_model(c, tag, budget_bytes=expert_sizes(c, tag)[0])
+            m = c.get_manifest(tag)
+            key = "layers.1.experts.2"
+            t = c.fetch_shards(tag, [key], manifest=m)[key]
+            v2 = c.commit(tag, m.version, {key: {n: x * 2 for n, x in t.items()}})
+            assert lm.loader.missing_slots(v2.manifest) == [(1, 2)]
+            lm.loader.warm(v2.manifest, [(1, 2)], evict=False)
+            assert lm.loader.missing_slots(v2.manifest) == []
+            before = lm.model(PROMPT).logits
+            lm.loader.switch(v2.manifest)  # as the swapper's flip does
+            assert not torch.equal(before, lm.model(PROMPT).logits)
+            lm.close()
+    finally:
+        srv.stop(0)
