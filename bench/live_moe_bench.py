@@ -21,6 +21,7 @@ import platform
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -84,6 +85,54 @@ def prefill_s(model: nn.Module, prompt: torch.Tensor, repeat: int) -> float:
     return statistics.median(runs)
 
 
+def skew_routers(model: nn.Module, biases: list[torch.Tensor]) -> None:
+    """Adds a fixed per-expert log-prior to every router's logits (the same in
+    every model compared), so that some experts are routed to much more than
+    others, as trained routers do."""
+
+    def forward(self, hidden_states):  # type: ignore[no-untyped-def]
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = nn.functional.linear(hidden_states, self.weight) + self._skew
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top /= top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    for layer, bias in zip(model.model.layers, biases, strict=True):
+        gate = layer.mlp.gate
+        gate._skew = bias.to(gate.weight.device, gate.weight.dtype)
+        gate.forward = types.MethodType(forward, gate)
+
+
+def zipf_biases(layers: int, experts: int, scale: float) -> list[torch.Tensor]:
+    """Per layer, `scale` x log Zipf(1) over a random ranking of the experts."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(layers):
+        rank = torch.randperm(experts, generator=g).float() + 1
+        out.append(-scale * torch.log(rank))
+    return out
+
+
+def top_quarter_share(model: nn.Module, prompt: torch.Tensor, experts: int) -> float:
+    """Share of routings the top quarter of each layer's experts takes."""
+    counts: list[torch.Tensor] = []
+
+    def hook(module, args, out):  # type: ignore[no-untyped-def]
+        counts.append(torch.bincount(out[2].flatten().cpu(), minlength=experts))
+
+    hooks = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+    with torch.no_grad():
+        model(prompt)
+    for h in hooks:
+        h.remove()
+    shares = [
+        c.sort(descending=True).values[: experts // 4].sum() / c.sum() for c in counts
+    ]
+    return float(sum(shares) / len(shares))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +155,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--skew",
+        type=float,
+        default=0.0,
+        help="route skewed: the top quarter of experts takes this share (0: off)",
+    )
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
@@ -160,6 +215,25 @@ def main() -> None:
         resident = AutoModelForCausalLM.from_pretrained(work / "ckpt", dtype=dtype)
         resident = resident.to(device).eval()
         impl = resident.config._experts_implementation
+        biases: list[torch.Tensor] | None = None
+        if args.skew:
+            lo, hi = 0.0, 8.0
+            probe = prompts[max(batches)]
+            for _ in range(12):
+                mid = (lo + hi) / 2
+                skew_routers(resident, zipf_biases(args.layers, args.experts, mid))
+                if top_quarter_share(resident, probe, args.experts) < args.skew:
+                    lo = mid
+                else:
+                    hi = mid
+            biases = zipf_biases(args.layers, args.experts, hi)
+            skew_routers(resident, biases)
+            print(
+                f"skewed routing: Zipf(1) log-prior x {hi:.2f} on every router; "
+                f"top quarter of experts takes "
+                f"{top_quarter_share(resident, probe, args.experts):.0%} of routings",
+                flush=True,
+            )
         base: dict[int, float] = {}
         base_pre = prefill_s(resident, long, args.repeat)
         rows.append(
@@ -170,6 +244,8 @@ def main() -> None:
                 budget = max(max(sizes), int(total * frac))
                 with ParamClient(daemon.target) as c:
                     lm = load_lazy_model(c, "live", budget_bytes=budget, device=device)
+                    if biases is not None:
+                        skew_routers(lm.model, biases)
                     label = f"lazy {frac:.1%} ({lm.experts_implementation})"
                     for b in batches:
                         if frac < 1.0 and b not in small:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loaders.eviction import EvictionPolicy, FrequencyPolicy
+from loaders.pool import ExpertPool
 from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
 from param_server.core import tensor_codec
@@ -73,6 +74,10 @@ class _Entry:
     pinned: bool = False
     ready: torch.cuda.Event | None = None
     """Recorded on the copy stream after the host-to-device copy (CUDA only)."""
+    slot: int | None = None
+    """Its slot in the loader's ExpertPool, when it is in one."""
+    released: torch.cuda.Event | None = None
+    """Recorded on the compute stream when its last user let it go (CUDA)."""
 
 
 @dataclass(slots=True)
@@ -120,6 +125,7 @@ class LazyExpertLoader:
         prefetch_workers: int = 1,
         policy: EvictionPolicy | None = None,
         slots: ExpertSlots | None = None,
+        pool: ExpertPool | None = None,
     ) -> None:
         if budget_bytes <= 0:
             raise InvalidInputError(
@@ -159,6 +165,9 @@ class LazyExpertLoader:
         self._slots: ExpertSlots | None = None
         if slots is not None:
             self.use_slots(slots)
+        self.pool = pool
+        """Where experts live when the budget does not hold them all (shared
+        slots that transformers' experts implementations run on), or None."""
 
     @classmethod
     def for_model(
@@ -273,6 +282,7 @@ class LazyExpertLoader:
         t0 = time.perf_counter()
         keys = {key: (e, digest, size) for e, (key, digest, size) in mine.items()}
         placed: list[tuple[int, int]] = []
+        slots: dict[str, int] = {}  # key -> pool slot
         try:
             blobs = self.client.fetch_blobs(manifest, list(keys))
             prepared: dict[str, tuple[Tensors, torch.cuda.Event | None]] = {}
@@ -282,16 +292,25 @@ class LazyExpertLoader:
                 # Own storage (never a view keeping the blob alive); on CUDA it
                 # is page-locked so the copy below is an async DMA.
                 host = self._prepare(layer, e, raw, self._cuda)
+                wait = None
                 with self._lock:
                     dst = self._slots.place(layer, e, digest) if self._slots else None
-                if dst is not None:
-                    placed.append((layer, e))
-                prepared[key] = self._to_device(host, dst)
+                    if dst is not None:
+                        placed.append((layer, e))
+                    elif self.pool is not None:
+                        got = self.pool.take()
+                        if got is not None:
+                            slots[key], wait = got
+                            dst = self.pool.views(slots[key])
+                prepared[key] = self._to_device(host, dst, wait)
         except (ParamServerError, RuntimeError, ValueError) as err:
             with self._lock:
                 for slot in placed:
                     assert self._slots is not None
                     self._slots.release(*slot)
+                for slot_index in slots.values():
+                    assert self.pool is not None
+                    self.pool.give(slot_index)
                 for _, digest, size in keys.values():
                     self._flights.pop(digest).done.set_exception(
                         ExpertFetchError(str(err))
@@ -314,6 +333,7 @@ class LazyExpertLoader:
                     refs=1,
                     pinned=(layer, e) in self._pinned_keys,
                     ready=ready,
+                    slot=slots.get(key),
                 )
                 self._policy.added(digest)
                 self._resident += nbytes - size
@@ -325,7 +345,10 @@ class LazyExpertLoader:
         return {e: prepared[key][0] for key, (e, _, _) in keys.items()}
 
     def _to_device(
-        self, ts: Tensors, dst: Tensors | None = None
+        self,
+        ts: Tensors,
+        dst: Tensors | None = None,
+        wait: torch.cuda.Event | None = None,
     ) -> tuple[Tensors, torch.cuda.Event | None]:
         """`ts` on the loader's device: in `dst` (an expert's slot) when given,
         else in new tensors."""
@@ -337,6 +360,8 @@ class LazyExpertLoader:
             return dst, None
         assert self._copy_stream is not None
         with torch.cuda.stream(self._copy_stream):
+            if wait is not None:  # the slot's last readers are done
+                self._copy_stream.wait_event(wait)
             if dst is None:
                 out = {n: t.to(self.device, non_blocking=True) for n, t in ts.items()}
             else:
@@ -378,9 +403,7 @@ class LazyExpertLoader:
             entry = self._entries.get(digest)
             if entry is None or entry.refs or entry.pinned:
                 continue
-            del self._entries[digest]
-            self._policy.removed(digest)
-            self._resident -= entry.nbytes
+            self._drop(digest)
             self._stats.evictions += 1
             if self._resident + size <= self.budget_bytes:
                 return
@@ -399,12 +422,46 @@ class LazyExpertLoader:
         )
 
     def _release(self, digests: list[str]) -> None:
+        done = None
+        if self._cuda and self.pool is not None:
+            # The end of the work queued so far that reads these experts: a
+            # slot is not rewritten before it (see loaders.pool).
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(torch.cuda.current_stream(self.device))
         with self._lock:
             for d in digests:
                 entry = self._entries.get(d)
                 if entry is not None:
                     entry.refs -= 1
+                    if entry.slot is not None:
+                        entry.released = done
             self._lock.notify_all()
+
+    def _drop(self, digest: str) -> None:
+        """Forgets a resident entry, freeing its pool slot. Needs the lock."""
+        entry = self._entries.pop(digest)
+        self._policy.removed(digest)
+        self._resident -= entry.nbytes
+        if entry.slot is not None:
+            assert self.pool is not None
+            self.pool.give(entry.slot, entry.released)
+
+    @contextlib.contextmanager
+    def acquire_slots(
+        self, layer: int, experts: Sequence[int]
+    ) -> Iterator[dict[int, int] | None]:
+        """Holds `experts` of `layer` resident while the block runs, like
+        `acquire`, and yields each one's pool slot; None when one of them is
+        not in the pool (brought in over the budget)."""
+        with self.acquire(layer, experts):
+            with self._lock:
+                slots = {
+                    e: self._entries[self._digest(layer, e)[1]].slot for e in experts
+                }
+            if any(s is None for s in slots.values()):
+                yield None
+            else:
+                yield {e: s for e, s in slots.items() if s is not None}
 
     # --- what a forward pass uses ---------------------------------------------
 
@@ -595,9 +652,7 @@ class LazyExpertLoader:
                 entry = self._entries.get(digest)
                 if entry is None or entry.refs:
                     continue
-                del self._entries[digest]
-                self._policy.removed(digest)
-                self._resident -= entry.nbytes
+                self._drop(digest)
                 dropped += 1
             self._lock.notify_all()
         return dropped

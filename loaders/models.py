@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from torch import nn
 
 from loaders.cache import LazyExpertLoader, Tensors, own_copy
 from loaders.eviction import EvictionPolicy
+from loaders.pool import ExpertPool
 from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
 from param_server.core import tensor_codec
@@ -36,6 +39,7 @@ from param_server.core.shards import (
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "param_server_lazy"
+POOLED = "param_server_pooled"
 
 
 def _prepare_for(family: ModelFamily, shapes: dict[str, tuple[int, ...]], model: str):  # type: ignore[no-untyped-def]
@@ -79,7 +83,7 @@ def lazy_experts_forward(
     """The eager experts forward of transformers, op for op, on cached experts."""
     loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
     layer: int = self._lazy_layer  # type: ignore[assignment]
-    num_experts: int = self.num_experts  # type: ignore[assignment]
+    num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
     final_hidden_states = torch.zeros_like(hidden_states)
     with torch.no_grad():
         expert_mask = nn.functional.one_hot(top_k_index, num_classes=num_experts + 1)
@@ -101,6 +105,34 @@ def lazy_experts_forward(
     return final_hidden_states
 
 
+def pooled_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' own experts implementation on the loader's pool: the
+    routed experts are brought into slots and their ids replaced by their
+    slots (one small host synchronisation per layer, to learn the ids). A
+    step that routes to more experts than the pool holds, or to one that
+    came in over the budget, runs the eager loop instead."""
+    loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
+    layer: int = self._lazy_layer  # type: ignore[assignment]
+    num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
+    inner: Callable[..., torch.Tensor] = self._lazy_inner  # type: ignore[assignment]
+    pool = loader.pool
+    assert pool is not None
+    ids = torch.unique(top_k_index).tolist()
+    if len(ids) <= pool.capacity:
+        with loader.acquire_slots(layer, ids) as slots:
+            if slots is not None:
+                table = torch.zeros(num_experts, dtype=torch.long)
+                table[ids] = torch.tensor([slots[e] for e in ids])
+                table = table.to(top_k_index.device, non_blocking=True)
+                return inner(self, hidden_states, table[top_k_index], top_k_weights)
+    return lazy_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
 def _count_hits(loader: LazyExpertLoader):  # type: ignore[no-untyped-def]
     def hook(
         module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
@@ -116,6 +148,7 @@ def _register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(IMPLEMENTATION, lazy_experts_forward)
+    ExpertsInterface.register(POOLED, pooled_experts_forward)
 
 
 @dataclass
@@ -130,8 +163,11 @@ class LazyModel:
     expert_shapes: dict[str, tuple[int, ...]]
     """Fused per-expert parameter -> shape the model expects."""
     experts_implementation: str = "eager"
-    """What computes the experts: transformers' implementation of that name
-    when every expert is in its slot, else the eager loop on cached experts."""
+    """What computes the experts: transformers' implementation of that name,
+    on the model's own parameters (every expert in its slot) or on the
+    loader's pool of slots; "eager" when the eager loop runs on cached
+    experts. With a pool, a step routed to more experts than it holds runs
+    the eager loop too."""
 
     def close(self) -> None:
         self.loader.close()
@@ -144,6 +180,34 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
         if found is None:
             return None
     return found
+
+
+def _pool_for(
+    implementation: str,
+    moe_layers: dict[int, nn.Module],
+    fused: dict[str, tuple[torch.Size, torch.dtype]],
+    budget_bytes: int,
+    device: str | torch.device,
+) -> ExpertPool | None:
+    """A pool of as many expert slots as the budget holds, for an
+    implementation that can run on one (not eager: its result depends on the
+    order it visits experts in, and the eager loop on cached experts is it)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if implementation == "eager" or implementation not in ALL_EXPERTS_FUNCTIONS:
+        return None
+    if not moe_layers or not fused:
+        return None
+    shapes = {p: tuple(shape[1:]) for p, (shape, _) in fused.items()}
+    dtype = next(iter(fused.values()))[1]
+    per_expert = sum(
+        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for shape in shapes.values()
+    )
+    capacity = budget_bytes // per_expert
+    if capacity < 1:
+        return None
+    return ExpertPool(shapes, capacity, dtype=dtype, device=device)
 
 
 def load_lazy_model(
@@ -222,9 +286,10 @@ def load_lazy_model(
     )
     if not in_slots:
         for i, experts in moe_layers.items():
-            # Plain attributes (not submodules): what lazy_experts_forward reads.
+            # Plain attributes (not submodules): what the lazy forwards read.
             experts.__dict__["_lazy_loader"] = loader
             experts.__dict__["_lazy_layer"] = i
+            experts.__dict__["_lazy_num_experts"] = experts.num_experts
     state = dense_state(client, manifest, None, family)
     check_dense(net, state, manifest, complete=True)
     net.load_state_dict(state, strict=False, assign=True)
@@ -244,18 +309,32 @@ def load_lazy_model(
             experts.register_forward_pre_hook(_count_hits(loader), with_kwargs=True)
         runs = str(net.config._experts_implementation)
     else:
-        runs = "eager"
-        net.config._experts_implementation = IMPLEMENTATION
+        runs = str(net.config._experts_implementation)
+        pool = _pool_for(runs, moe_layers, fused, budget_bytes, device)
+        if pool is None:
+            runs = "eager"
+        loader.pool = pool
+        name = IMPLEMENTATION if pool is None else POOLED
+        for experts in moe_layers.values():
+            if pool is not None:
+                from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+                experts.__dict__["_lazy_inner"] = ALL_EXPERTS_FUNCTIONS[runs]
+                experts.__dict__.update(pool.tensors)  # its weights: the pool
+                experts.__dict__["num_experts"] = pool.capacity
+        net.config._experts_implementation = name
         for module in net.modules():
             if hasattr(module, "_lazy_loader"):
-                module.config._experts_implementation = IMPLEMENTATION
+                module.config._experts_implementation = name
     logger.info(
         "lazy model %s@%d on %s, expert budget %d bytes (%s), experts run %s",
         model,
         manifest.version,
         device,
         budget_bytes,
-        "every expert in its slot" if in_slots else "experts on demand",
+        "every expert in its slot"
+        if in_slots
+        else f"experts on demand{' in a pool' if loader.pool else ''}",
         runs,
     )
     return LazyModel(net, loader, manifest, family, shapes, runs)

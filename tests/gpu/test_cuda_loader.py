@@ -39,7 +39,14 @@ def target(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> Iterator[str]:
 @pytest.mark.parametrize("tag", ["mixtral-float32", "qwen3_moe-bfloat16"])
 @pytest.mark.parametrize(
     ("fraction", "implementation"),
-    [(1.0, None), (1.0, "batched_mm"), (1.0, "eager"), (0.25, None)],
+    [
+        (1.0, None),
+        (1.0, "batched_mm"),
+        (1.0, "eager"),
+        (0.5, None),  # half the experts, in the pool: the stock kernel
+        (0.5, "batched_mm"),
+        (0.25, "eager"),  # the eager loop on cached experts
+    ],
 )
 def test_cuda_logits_equal_the_resident_model(
     target: str,

@@ -49,14 +49,22 @@ class Live:
     refs: dict[tuple[int, str], str] = field(default_factory=dict)
     nodes: list[tuple[LazyModel, HotSwapper]] = field(default_factory=list)
 
-    def node(self, fraction: float = 0.5, **kw: object) -> tuple[LazyModel, HotSwapper]:
+    def node(
+        self,
+        fraction: float = 0.5,
+        implementation: str | None = "eager",
+        **kw: object,
+    ) -> tuple[LazyModel, HotSwapper]:
         """A live lazy model on its own connection, with a started swapper."""
         c = ParamClient(self.target, same_host=False, retries=2, backoff=0.05)
         sizes = [
             s.size for k, s in c.get_manifest(MODEL).shards.items() if ".experts." in k
         ]
         lm = load_lazy_model(
-            c, MODEL, budget_bytes=max(max(sizes), int(sum(sizes) * fraction))
+            c,
+            MODEL,
+            budget_bytes=max(max(sizes), int(sum(sizes) * fraction)),
+            experts_implementation=implementation,
         )
         kw.setdefault("heartbeat_interval", 0.5)
         kw.setdefault("reconcile_interval", 600.0)  # announcements must do it
@@ -212,7 +220,7 @@ def test_a_node_with_every_expert_in_its_slot_swaps_exactly(
     implementation on its own fused parameters; a hot swap copies the new
     experts into their slots at the flip, and a rollback copies the old ones
     back, each version's logits those of the resident model of it."""
-    lm, sw = live.node(1.0)
+    lm, sw = live.node(1.0, implementation=None)
     impl = lm.experts_implementation
     assert impl == "grouped_mm"
     assert logits(lm) == live.ref(1, tmp_path, impl)

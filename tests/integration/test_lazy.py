@@ -77,10 +77,18 @@ def expert_sizes(client: ParamClient, model: str) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def lazy(client: ParamClient, model: str, fraction: float) -> LazyModel:
+def lazy(
+    client: ParamClient,
+    model: str,
+    fraction: float,
+    implementation: str | None = "eager",
+) -> LazyModel:
     total, largest = expert_sizes(client, model)
     return load_lazy_model(
-        client, model, budget_bytes=max(largest, int(total * fraction))
+        client,
+        model,
+        budget_bytes=max(largest, int(total * fraction)),
+        experts_implementation=implementation,
     )
 
 
@@ -510,8 +518,17 @@ def test_the_default_is_transformers_default_and_shrinking_is_refused(
     finally:
         lm.close()
     below = load_lazy_model(client, "mixtral-float32", budget_bytes=total - 1)
-    assert below.experts_implementation == "eager"  # experts on demand
+    assert below.experts_implementation == "grouped_mm"  # on demand, in a pool
+    assert below.loader.pool is not None
     below.close()
+    loop = load_lazy_model(
+        client,
+        "mixtral-float32",
+        budget_bytes=total - 1,
+        experts_implementation="eager",
+    )
+    assert loop.loader.pool is None  # the eager loop on cached experts
+    loop.close()
 
 
 def test_a_switch_in_slots_needs_every_new_expert_cached_first(
@@ -540,3 +557,52 @@ def test_a_switch_in_slots_needs_every_new_expert_cached_first(
             lm.close()
     finally:
         srv.stop(0)
+
+
+@pytest.mark.parametrize("tag", ["mixtral-bfloat16", "qwen3_moe-float32"])
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_a_smaller_budget_runs_the_stock_implementation_on_the_pool(
+    client: ParamClient,
+    checkpoints: dict[str, Checkpoint],
+    tag: str,
+    implementation: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half the experts fit: they live in a pool of slots shared by the
+    layers, the routed ids are replaced by slots, and transformers' own
+    implementation runs on the pool: the resident model's logits, bit for
+    bit, while experts are evicted and brought in between layers."""
+    import loaders.models
+
+    def no_loop(*args: object) -> None:
+        raise AssertionError("the eager loop ran instead of the pool")
+
+    lm = lazy(client, tag, 0.5, implementation)
+    try:
+        assert (
+            lm.loader.pool is not None and lm.experts_implementation == implementation
+        )
+        ref = eager(checkpoints[tag].path, implementation)
+        monkeypatch.setattr(loaders.models, "lazy_experts_forward", no_loop)
+        with torch.no_grad():
+            for _ in range(2):
+                assert torch.equal(ref(PROMPT).logits, lm.model(PROMPT).logits)
+        st = lm.loader.stats()
+        assert st.evictions > 0 and st.peak_resident_bytes <= lm.loader.budget_bytes
+    finally:
+        lm.close()
+
+
+def test_a_step_routed_to_more_experts_than_the_pool_holds_runs_the_eager_loop(
+    client: ParamClient, checkpoints: dict[str, Checkpoint]
+) -> None:
+    lm = lazy(client, "mixtral-float32", 0.25, "grouped_mm")  # 2 slots, 4 routed
+    try:
+        assert lm.loader.pool is not None and lm.loader.pool.capacity < 4
+        with torch.no_grad():
+            got = lm.model(PROMPT).logits
+        assert torch.equal(
+            eager(checkpoints["mixtral-float32"].path)(PROMPT).logits, got
+        )
+    finally:
+        lm.close()
