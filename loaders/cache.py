@@ -654,8 +654,34 @@ class LazyExpertLoader:
                     continue
                 self._drop(digest)
                 dropped += 1
+            if self.pool is not None:
+                self._into_pool()
             self._lock.notify_all()
         return dropped
+
+    def _into_pool(self) -> None:
+        """Copies entries that came in over the budget (a new version's
+        experts, fetched beside the ones they replace) into slots the switch
+        freed, so that the stock kernels run on them too. Needs the lock, and
+        no forward pass running: the copies are queued on the current stream,
+        after any work that read the slots' old experts."""
+        assert self.pool is not None
+        for entry in self._entries.values():
+            if entry.slot is not None or entry.refs:
+                continue
+            got = self.pool.take()
+            if got is None:
+                return
+            slot, _ = got  # freed under this flip: the current stream is after it
+            views = self.pool.views(slot)
+            stream = torch.cuda.current_stream(self.device) if self._cuda else None
+            if stream is not None and entry.ready is not None:
+                stream.wait_event(entry.ready)
+            for name, dst in views.items():
+                dst.copy_(entry.tensors[name], non_blocking=True)
+                if stream is not None:
+                    entry.tensors[name].record_stream(stream)
+            entry.tensors, entry.slot, entry.ready = views, slot, None
 
     def resize(self, budget_bytes: int) -> None:
         """Changes the budget; shrinking evicts (policy order) what no one holds."""

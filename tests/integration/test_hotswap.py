@@ -237,6 +237,24 @@ def test_a_node_with_every_expert_in_its_slot_swaps_exactly(
     assert st.resident_bytes <= lm.loader.budget_bytes and sw.status().errors == 0
 
 
+@pytest.mark.parametrize("live", ["mixtral-bfloat16"], indirect=True)
+def test_a_node_with_a_pool_swaps_exactly(live: Live, tmp_path: Path) -> None:
+    """Half the experts fit: they run in the pool under grouped_mm. A new
+    version's experts come in beside the pool and move into the slots the
+    flip frees, so every version's logits are the resident model's."""
+    lm, sw = live.node(0.5, implementation="grouped_mm")
+    assert lm.loader.pool is not None
+    assert logits(lm) == live.ref(1, tmp_path, "grouped_mm")
+    v2 = live.bump(experts=((0, 0), (0, 3), (1, 1)), dense=("layers.1.dense",))
+    assert sw.wait_for_version(v2, 10)
+    assert logits(lm) == live.ref(v2, tmp_path, "grouped_mm")
+    v3 = live.bump(experts=tuple((layer, e) for layer in range(2) for e in range(4)))
+    assert sw.wait_for_version(v3, 10)
+    assert logits(lm) == live.ref(v3, tmp_path, "grouped_mm")
+    st = lm.loader.stats()
+    assert st.resident_bytes <= lm.loader.budget_bytes and sw.status().errors == 0
+
+
 def test_generation_holds_one_version(live: Live) -> None:
     lm, sw = live.node(1.0)
     args = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}

@@ -17,7 +17,7 @@ from loaders.cache import ExpertFetchError, LazyExpertLoader
 from loaders.models import LazyModel, load_lazy_model
 from param_server.client import ParamClient
 from param_server.core.errors import InvalidInputError, UnavailableError
-from param_server.core.shards import is_expert_key
+from param_server.core.shards import by_expert_suffix, is_expert_key
 from param_server.server.config import ServerConfig
 from param_server.server.service import create_server
 from param_server.store import Store
@@ -606,3 +606,44 @@ def test_a_step_routed_to_more_experts_than_the_pool_holds_runs_the_eager_loop(
         )
     finally:
         lm.close()
+
+
+def test_a_new_versions_experts_move_into_the_slots_the_switch_frees(
+    client: ParamClient,
+) -> None:
+    """Replacements fetched beside a full pool (over the budget) move into the
+    slots of the experts they replace when the version is switched to."""
+    from loaders.pool import ExpertPool
+
+    tag = "qwen3_moe-float32"
+    m = client.get_manifest(tag)
+    key = "layers.0.experts.1"
+    t = client.fetch_shards(tag, [key], manifest=m)[key]
+    shapes = {n: tuple(x.shape) for n, x in by_expert_suffix(t).items()}
+    pool = ExpertPool(shapes, 2, dtype=torch.float32, device="cpu")
+
+    def prepare(layer: int, e: int, ts: dict[str, torch.Tensor], pin: bool):  # type: ignore[no-untyped-def]
+        return {n: x.clone() for n, x in by_expert_suffix(ts).items()}
+
+    loader = LazyExpertLoader(
+        client,
+        m,
+        budget_bytes=2 * expert_sizes(client, tag)[1],
+        pool=pool,
+        prepare=prepare,
+    )
+    try:
+        with loader.acquire_slots(0, [0, 1]) as slots:
+            assert slots is not None and sorted(slots.values()) == [0, 1]
+        v2 = client.commit(tag, m.version, {key: {n: x * 3 for n, x in t.items()}})
+        loader.warm(v2.manifest, [(0, 1)], evict=False)  # the pool is full
+        assert pool.free == 0
+        loader.switch(v2.manifest)
+        with loader.acquire_slots(0, [0, 1]) as slots:
+            assert slots is not None  # both in the pool again, no fetch
+            views = pool.views(slots[1])
+            want = by_expert_suffix(t)
+            assert all(torch.equal(views[n], x * 3) for n, x in want.items())
+        assert loader.stats().fetches == 2
+    finally:
+        loader.close()
