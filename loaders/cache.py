@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +54,10 @@ class CacheStats:
     bytes_fetched: int = 0
     evictions: int = 0
     prefetched: int = 0
+    host_hits: int = 0
+    """Misses served from the host tier (a copy to the device, no fetch)."""
+    host_bytes: int = 0
+    """Bytes of prepared experts kept in the host tier."""
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
     resident_experts: int = 0
@@ -107,6 +111,11 @@ class LazyExpertLoader:
         prepare: turns a shard's tensors into what the model uses (for
             example gate and up concatenated); the default keeps them.
         prefetch_workers: threads that warm experts ahead of use.
+        host_budget_bytes: bytes of prepared experts kept in page-locked host
+            memory once fetched and verified, so that a device miss is a
+            host-to-device copy instead of a fetch (least recently used out
+            first). None: every expert's bytes on CUDA, 0 (off) on the CPU,
+            where the device is the host.
         policy: eviction order (FrequencyPolicy by default; LRUPolicy and
             your own `EvictionPolicy` plug in the same way).
 
@@ -126,6 +135,7 @@ class LazyExpertLoader:
         policy: EvictionPolicy | None = None,
         slots: ExpertSlots | None = None,
         pool: ExpertPool | None = None,
+        host_budget_bytes: int | None = None,
     ) -> None:
         if budget_bytes <= 0:
             raise InvalidInputError(
@@ -166,6 +176,17 @@ class LazyExpertLoader:
         if slots is not None:
             self.use_slots(slots)
         self.pool = pool
+        # The host tier: prepared experts in page-locked memory, verified, so
+        # that a device miss costs a host-to-device copy, not a fetch.
+        if host_budget_bytes is None:
+            host_budget_bytes = self._all_experts_bytes() if self._cuda else 0
+        if host_budget_bytes < 0:
+            raise InvalidInputError(
+                f"host budget must be >= 0 bytes, got {host_budget_bytes}"
+            )
+        self.host_budget_bytes = host_budget_bytes
+        self._host: OrderedDict[str, tuple[Tensors, int]] = OrderedDict()
+        self._host_bytes = 0
         """Where experts live when the budget does not hold them all (shared
         slots that transformers' experts implementations run on), or None."""
 
@@ -284,14 +305,21 @@ class LazyExpertLoader:
         placed: list[tuple[int, int]] = []
         slots: dict[str, int] = {}  # key -> pool slot
         try:
-            blobs = self.client.fetch_blobs(manifest, list(keys))
+            with self._lock:
+                kept = {k: self._from_host(d) for k, (_, d, _) in keys.items()}
+            remote = [k for k, h in kept.items() if h is None]
+            blobs = self.client.fetch_blobs(manifest, remote) if remote else {}
             prepared: dict[str, tuple[Tensors, torch.cuda.Event | None]] = {}
-            for key, buf in blobs.items():
+            for key in keys:
                 e, digest, _ = keys[key]
-                raw = tensor_codec.decode(buf, f"{manifest.model}:{key}")
-                # Own storage (never a view keeping the blob alive); on CUDA it
-                # is page-locked so the copy below is an async DMA.
-                host = self._prepare(layer, e, raw, self._cuda)
+                host = kept[key]
+                if host is None:
+                    raw = tensor_codec.decode(blobs[key], f"{manifest.model}:{key}")
+                    # Own storage (never a view keeping the blob alive); on CUDA
+                    # it is page-locked so the copy below is an async DMA.
+                    host = self._prepare(layer, e, raw, self._cuda)
+                    with self._lock:
+                        self._to_host(digest, host)
                 wait = None
                 with self._lock:
                     dst = self._slots.place(layer, e, digest) if self._slots else None
@@ -338,11 +366,34 @@ class LazyExpertLoader:
                 self._policy.added(digest)
                 self._resident += nbytes - size
                 self._flights.pop(digest).done.set_result(None)
-                self._stats.bytes_fetched += size
-            self._stats.fetches += 1
+                if kept[key] is None:
+                    self._stats.bytes_fetched += size
+                else:
+                    self._stats.host_hits += 1
+            self._stats.fetches += bool(remote)
             self._latencies.extend([dt] * len(keys))
             self._lock.notify_all()
         return {e: prepared[key][0] for key, (e, _, _) in keys.items()}
+
+    def _from_host(self, digest: str) -> Tensors | None:
+        """The host tier's prepared tensors of `digest`, or None. Needs the lock."""
+        kept = self._host.get(digest)
+        if kept is None:
+            return None
+        self._host.move_to_end(digest)
+        return kept[0]
+
+    def _to_host(self, digest: str, tensors: Tensors) -> None:
+        """Keeps prepared tensors in the host tier, least recently used out
+        first to stay within its budget. Needs the lock."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if nbytes > self.host_budget_bytes or digest in self._host:
+            return
+        while self._host_bytes + nbytes > self.host_budget_bytes:
+            _, (_, gone) = self._host.popitem(last=False)
+            self._host_bytes -= gone
+        self._host[digest] = (tensors, nbytes)
+        self._host_bytes += nbytes
 
     def _to_device(
         self,
@@ -574,6 +625,10 @@ class LazyExpertLoader:
                 f"({self._all_experts_bytes()} bytes), got {self.budget_bytes}"
             )
         self._slots = slots
+        # Nothing is evicted from the slots: a host copy would never be used.
+        self.host_budget_bytes = 0
+        self._host.clear()
+        self._host_bytes = 0
 
     def fill_slots(self) -> None:
         """Brings every expert of the served version into its slot, pinned,
@@ -733,11 +788,13 @@ class LazyExpertLoader:
                         "bytes_fetched",
                         "evictions",
                         "prefetched",
+                        "host_hits",
                         "peak_resident_bytes",
                     )
                 }
             )
             s.resident_bytes = self._resident
+            s.host_bytes = self._host_bytes
             s.resident_experts = len(self._entries)
             lat = sorted(self._latencies)
         if lat:

@@ -219,6 +219,7 @@ def load_lazy_model(
     device: str | torch.device = "cpu",
     policy: EvictionPolicy | None = None,
     experts_implementation: str | None = None,
+    host_budget_bytes: int | None = None,
 ) -> LazyModel:
     """Builds `model` from the server with lazily loaded experts.
 
@@ -231,6 +232,9 @@ def load_lazy_model(
     and asks the loader for the experts its router picks, computing
     transformers' eager experts loop on them. `policy` orders evictions
     (`FrequencyPolicy` by default; see `loaders.eviction`).
+    `host_budget_bytes` bounds the host tier of prepared experts in
+    page-locked memory (see `LazyExpertLoader`; default on CUDA: every
+    expert's bytes, off on the CPU and when every expert is in its slot).
 
     Raises:
         UnavailableError: the server stayed unreachable (after retries).
@@ -283,6 +287,7 @@ def load_lazy_model(
         device=device,
         prepare=_prepare_for(family, shapes, model),
         policy=policy,
+        host_budget_bytes=host_budget_bytes,
     )
     if not in_slots:
         for i, experts in moe_layers.items():

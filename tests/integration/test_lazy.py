@@ -647,3 +647,35 @@ def test_a_new_versions_experts_move_into_the_slots_the_switch_frees(
         assert loader.stats().fetches == 2
     finally:
         loader.close()
+
+
+def test_a_device_miss_is_served_from_the_host_tier_without_a_fetch(
+    client: ParamClient,
+) -> None:
+    tag = "mixtral-float32"
+    total, largest = expert_sizes(client, tag)
+    loader = LazyExpertLoader.for_model(
+        client, tag, budget_bytes=largest, host_budget_bytes=total
+    )
+    try:
+        with loader.acquire(0, [0]) as first:
+            want = {n: t.clone() for n, t in first[0].items()}
+        with loader.acquire(0, [1]):
+            pass  # evicts expert 0 from the device budget
+        fetches = loader.stats().fetches
+        with loader.acquire(0, [0]) as again:
+            assert all(torch.equal(again[0][n], t) for n, t in want.items())
+        st = loader.stats()
+        assert st.fetches == fetches and st.host_hits == 1 and st.evictions == 2
+        assert 0 < st.host_bytes <= total
+    finally:
+        loader.close()
+    off = LazyExpertLoader.for_model(client, tag, budget_bytes=largest)
+    try:
+        assert off.host_budget_bytes == 0  # on the CPU the device is the host
+        for e in (0, 1, 0):
+            with off.acquire(0, [e]):
+                pass
+        assert off.stats().fetches == 3 and off.stats().host_hits == 0
+    finally:
+        off.close()
