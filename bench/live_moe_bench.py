@@ -4,14 +4,19 @@
     python bench/live_moe_bench.py --device cuda --hidden 2048 --inter 768 \\
         --experts 128 --top-k 8 --layers 8 --dtype bfloat16   # the realistic one
 
-Builds a Qwen3-MoE-shaped model from a config (random weights, nothing
-downloaded), imports it into a store served by a real daemon, and measures
-greedy decode (batch 1 and 16) and prefill for: the resident model loaded
-with transformers' default experts implementation (`grouped_mm` where it
-runs), and `load_lazy_model` at each budget (experts over the same-host path;
-at 100 % every expert sits in its slot of the model's own parameters and the
-same implementation runs; below, experts come on demand). Tokens/s, the
-ratio to resident, hit rate, peak resident expert bytes against the budget.
+Builds a Qwen3-MoE-shaped (or, with --family mixtral, a Mixtral-shaped)
+model from a config (random weights, nothing downloaded), imports it into a
+store served by a real daemon, and measures greedy decode (batch 1 and 16)
+and prefill for: the resident model loaded with transformers' default
+experts implementation (`grouped_mm` where it runs), and `load_lazy_model`
+at each budget. At 100 % every expert sits in its slot of the model's own
+parameters and the same implementation runs; below, experts come on demand
+into a pool, in each of the --variants: `default` (same-host path, host
+tier, layer-ahead prefetch on CUDA only), `prefetch` and `no-prefetch`
+(forced on or off), `no-host-tier`, `grpc` (experts over gRPC instead of
+the same-host path) and `grpc-no-host-tier`. Tokens/s,
+the ratio to resident, device and host-tier hit rates, prefetch recall and
+precision, miss latency, and device and host memory against the budget.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 from transformers.initialization import no_init_weights
 
-from loaders.models import load_lazy_model
+from loaders.models import LazyModel, load_lazy_model
 from param_server.client import ParamClient
 from param_server.core.shards import is_expert_key
 from param_server.launch.daemon import spawn_daemon
@@ -133,16 +138,58 @@ def top_quarter_share(model: nn.Module, prompt: torch.Tensor, experts: int) -> f
     return float(sum(shares) / len(shares))
 
 
+VARIANTS: dict[str, tuple[bool, bool, bool | None]] = {
+    # name: (same-host path, host tier on, layer-ahead prefetch; None: the
+    # library's default, on with CUDA and off on the CPU)
+    "default": (True, True, None),
+    "prefetch": (True, True, True),
+    "no-prefetch": (True, True, False),
+    "no-host-tier": (True, False, None),
+    "grpc": (False, True, None),
+    "grpc-no-host-tier": (False, False, None),
+}
+
+
+def build_config(args: argparse.Namespace, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    common = {
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": 16 if args.hidden <= 2048 else 32,
+        "num_key_value_heads": 4 if args.hidden <= 2048 else 8,
+        "head_dim": 128,
+        "num_experts_per_tok": args.top_k,
+        "max_position_embeddings": 4096,
+        "dtype": dtype,
+    }
+    if args.family == "mixtral":
+        return "Mixtral", MixtralConfig(
+            **common, intermediate_size=args.inter, num_local_experts=args.experts
+        )
+    return "Qwen3-MoE", Qwen3MoeConfig(
+        **common,
+        intermediate_size=args.inter * 4,
+        moe_intermediate_size=args.inter,
+        num_experts=args.experts,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--family", choices=["qwen3_moe", "mixtral"], default="qwen3_moe")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--inter", type=int, default=256, help="moe_intermediate_size")
+    ap.add_argument(
+        "--inter",
+        type=int,
+        default=256,
+        help="an expert's intermediate size (moe_intermediate_size)",
+    )
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--batches", default="1,16")
@@ -150,7 +197,17 @@ def main() -> None:
     ap.add_argument(
         "--small-budget-batches",
         default="1",
-        help="batches run below a 100%% budget (the eager loop is slow at 16)",
+        help="batches run below a 100%% budget",
+    )
+    ap.add_argument(
+        "--variants",
+        default="default,prefetch",
+        help=f"what runs below a 100%% budget, of: {', '.join(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--variant-budgets",
+        default="",
+        help="budgets the variants other than 'default' run at (default: all)",
     )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
@@ -164,37 +221,31 @@ def main() -> None:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.inter * 4,
-        moe_intermediate_size=args.inter,
-        num_hidden_layers=args.layers,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        max_position_embeddings=4096,
-        dtype=dtype,
-    )
+    shape, cfg = build_config(args, dtype)
     with tempfile.TemporaryDirectory(prefix="live-moe-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        with torch.no_grad():
+        with torch.no_grad():  # as transformers initialises: norms at 1
             for p in model.parameters():
-                p.normal_(0.0, 0.02)
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+                else:
+                    p.fill_(1.0)
         model.save_pretrained(work / "ckpt")
         del model
         r = import_checkpoint(Store(work / "store"), work / "ckpt", "live")
         sizes = [s.size for k, s in r.manifest.shards.items() if is_expert_key(k)]
         total = sum(sizes)
         print(
-            f"Qwen3-MoE shape: {args.layers} layers x {args.experts} experts "
-            f"(top-{args.top_k}), hidden {args.hidden}, moe_intermediate "
+            f"{shape} shape: {args.layers} layers x {args.experts} experts "
+            f"(top-{args.top_k}), hidden {args.hidden}, expert intermediate "
             f"{args.inter}, {args.dtype}: {total / 2**30:.2f} GiB of experts, "
             f"{sizes[0] / 2**20:.1f} MiB each; built and imported in "
             f"{time.perf_counter() - t0:.0f} s; device {device}"
@@ -211,7 +262,7 @@ def main() -> None:
         }
         long = torch.randint(0, args.vocab, (1, args.prefill), generator=gen)
         long = long.to(device)
-        rows: list[tuple[str, int, float, float, str, str]] = []
+        rows: list[tuple[str, int, float, float, str, str, str, str]] = []
         resident = AutoModelForCausalLM.from_pretrained(work / "ckpt", dtype=dtype)
         resident = resident.to(device).eval()
         impl = resident.config._experts_implementation
@@ -236,22 +287,44 @@ def main() -> None:
             )
         base: dict[int, float] = {}
         base_pre = prefill_s(resident, long, args.repeat)
-        rows.append(
-            (f"resident ({impl}), prefill", args.prefill, base_pre, 1.0, "-", "-")
+        dash = ("-", "-", "-", "-")
+        rows.append((f"resident ({impl}), prefill", args.prefill, base_pre, 1.0, *dash))
+        plan: list[tuple[float, str]] = []
+        others = (
+            {float(f) for f in args.variant_budgets.split(",")}
+            if args.variant_budgets
+            else None
         )
+        for frac in (float(f) for f in args.budgets.split(",")):
+            if frac >= 1.0:
+                plan.append((frac, "default"))
+                continue
+            for v in variants:
+                if v == "default" or others is None or frac in others:
+                    plan.append((frac, v))
         with spawn_daemon(work / "store", announce=False) as daemon:
-            for frac in (float(f) for f in args.budgets.split(",")):
+            for frac, variant in plan:
                 budget = max(max(sizes), int(total * frac))
-                with ParamClient(daemon.target) as c:
-                    lm = load_lazy_model(c, "live", budget_bytes=budget, device=device)
+                same_host, host_on, prefetch = VARIANTS[variant]
+                with ParamClient(daemon.target, same_host=same_host) as c:
+                    lm = load_lazy_model(
+                        c,
+                        "live",
+                        budget_bytes=budget,
+                        device=device,
+                        prefetch=prefetch,
+                        host_budget_bytes=None if host_on else 0,
+                    )
                     if biases is not None:
                         skew_routers(lm.model, biases)
                     label = f"lazy {frac:.1%} ({lm.experts_implementation})"
+                    if frac < 1.0:
+                        label += f", {variant}"
                     for b in batches:
                         if frac < 1.0 and b not in small:
                             continue
-                        lm.loader.reset_stats()
                         if b not in base:  # first budget: runs alternate
+                            lm.loader.reset_stats()
                             base[b], tps = interleaved(
                                 resident,
                                 lm.model,
@@ -259,24 +332,18 @@ def main() -> None:
                                 args.new_tokens,
                                 args.repeat,
                             )
-                            rows.append(
-                                (f"resident ({impl})", b, base[b], 1.0, "-", "-")
-                            )
+                            rows.append((f"resident ({impl})", b, base[b], 1.0, *dash))
                         else:
-                            tps = decode_tps(
-                                lm.model, prompts[b], args.new_tokens, args.repeat
+                            decode_runs(lm.model, prompts[b], args.new_tokens)
+                            lm.loader.settle()
+                            lm.loader.reset_stats()  # counters of the timed runs
+                            tps = statistics.median(
+                                decode_runs(lm.model, prompts[b], args.new_tokens)
+                                for _ in range(args.repeat)
                             )
-                        st = lm.loader.stats()
+                        lm.loader.settle()
                         rows.append(
-                            (
-                                label,
-                                b,
-                                tps,
-                                tps / base[b],
-                                f"{st.hit_rate:.1%}",
-                                f"{st.peak_resident_bytes / 2**30:.2f} / "
-                                f"{budget / 2**30:.2f} GiB",
-                            )
+                            (label, b, tps, tps / base[b], *describe(lm, budget))
                         )
                         print(rows[-1], flush=True)
                     if frac == 1.0:
@@ -284,15 +351,14 @@ def main() -> None:
                         again = prefill_s(resident, long, args.repeat)
                         base_pre = min(base_pre, again)  # the better of two
                         pre = min(pre, prefill_s(lm.model, long, args.repeat))
-                        rows[0] = (rows[0][0], args.prefill, base_pre, 1.0, "-", "-")
+                        rows[0] = (rows[0][0], args.prefill, base_pre, 1.0, *dash)
                         rows.append(
                             (
                                 label + ", prefill",
                                 args.prefill,
                                 pre,
                                 base_pre / pre,
-                                "-",
-                                "-",
+                                *dash,
                             )
                         )
                         print(rows[-1], flush=True)
@@ -302,11 +368,33 @@ def main() -> None:
                         torch.cuda.empty_cache()
     print(
         "\n| configuration | batch (prefill: tokens) | tok/s (prefill: s) | "
-        "÷ resident | hit rate | peak resident / budget |"
+        "÷ resident | hits (device / host tier) | prefetch: recall / precision "
+        "| miss p50 / p99 | experts on device (peak / budget), host tier |"
     )
-    print("|---|---|---|---|---|---|")
-    for label, b, v, ratio, hit, peak in rows:
-        print(f"| {label} | {b} | {v:.3f} | {ratio:.2f} | {hit} | {peak} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, b, v, ratio, hit, pred, miss, mem in rows:
+        cells = [label, str(b), f"{v:.3f}", f"{ratio:.2f}", hit, pred, miss, mem]
+        print("| " + " | ".join(cells) + " |")
+
+
+def describe(lm: LazyModel, budget: int) -> tuple[str, str, str, str]:
+    """Hit rates, prefetch accuracy, miss latency and memory of the runs."""
+    st = lm.loader.stats()
+    looked = st.hits + st.misses
+    host = st.host_hits / looked if looked else 0.0
+    pred = (
+        f"{st.prediction_recall:.0%} / {st.prediction_precision:.0%} "
+        f"({st.prefetched} in)"
+        if st.predicted
+        else "-"
+    )
+    lat = st.miss_latency_ms
+    miss = f"{lat['p50']:.2f} / {lat['p99']:.2f} ms" if lat else "-"
+    mem = (
+        f"{st.peak_resident_bytes / 2**30:.2f} / {budget / 2**30:.2f} GiB, "
+        f"{st.host_bytes / 2**30:.2f} GiB"
+    )
+    return f"{st.hit_rate:.1%} / {host:.1%}", pred, miss, mem
 
 
 if __name__ == "__main__":

@@ -54,6 +54,13 @@ class CacheStats:
     bytes_fetched: int = 0
     evictions: int = 0
     prefetched: int = 0
+    """Experts brought in ahead of use (by `prefetch`)."""
+    predicted: int = 0
+    """Experts a layer-ahead prediction named (see `note_prediction`)."""
+    predicted_routed: int = 0
+    """Of those, the ones the layer's router then picked."""
+    routed_after_prediction: int = 0
+    """Experts routed in layers that had a prediction."""
     host_hits: int = 0
     """Misses served from the host tier (a copy to the device, no fetch)."""
     host_bytes: int = 0
@@ -68,6 +75,17 @@ class CacheStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+    @property
+    def prediction_recall(self) -> float:
+        """Share of routed experts that the layer-ahead prediction named."""
+        n = self.routed_after_prediction
+        return self.predicted_routed / n if n else 0.0
+
+    @property
+    def prediction_precision(self) -> float:
+        """Share of predicted experts that the router then picked."""
+        return self.predicted_routed / self.predicted if self.predicted else 0.0
 
 
 @dataclass(slots=True)
@@ -172,6 +190,7 @@ class LazyExpertLoader:
         self._prefetcher = ThreadPoolExecutor(
             max_workers=prefetch_workers, thread_name_prefix="expert-prefetch"
         )
+        self._prefetches: set[Future[None]] = set()
         self._slots: ExpertSlots | None = None
         if slots is not None:
             self.use_slots(slots)
@@ -234,6 +253,7 @@ class LazyExpertLoader:
         manifest: Manifest | None = None,
         count: bool = True,
         evict: bool = True,
+        for_use: bool = True,
     ) -> Iterator[dict[int, Tensors]]:
         """Holds `experts` of `layer` resident while the block runs.
 
@@ -242,7 +262,9 @@ class LazyExpertLoader:
         version being served by default) names which version of each expert;
         `count` False keeps the call out of the hit and miss counters;
         `evict` False brings misses in without evicting anything (they may
-        go over the budget).
+        go over the budget); `for_use` False only brings them in (a prefetch:
+        on CUDA the current stream neither waits for their copies nor marks
+        them as read).
 
         Raises:
             ExpertFetchError: an expert could not be fetched (after the
@@ -256,15 +278,17 @@ class LazyExpertLoader:
             while pending:
                 mine, waits = self._claim(pending, held, count, evict)
                 if mine:
-                    held.update(self._fetch(layer, mine, m))  # installed with our ref
+                    # installed with our ref
+                    held.update(self._fetch(layer, mine, m, timed=count))
                 for fut in waits:
                     with contextlib.suppress(ExpertFetchError):
                         fut.result()  # their failure is retried (and reported) by us
                 pending = {e: i for e, i in pending.items() if e not in held}
-            self._ready_for_use([ids[e][1] for e in held])
+            if for_use:
+                self._ready_for_use([ids[e][1] for e in held])
             yield held
         finally:
-            self._release([ids[e][1] for e in held])
+            self._release([ids[e][1] for e in held], for_use)
 
     def _claim(
         self,
@@ -281,7 +305,8 @@ class LazyExpertLoader:
                 entry = self._entries.get(digest)
                 if entry is not None:
                     entry.refs += 1
-                    self._policy.used(digest)
+                    if count:
+                        self._policy.used(digest)
                     held[e] = entry.tensors
                     self._stats.hits += count
                 elif digest in self._flights:
@@ -297,9 +322,14 @@ class LazyExpertLoader:
         return mine, waits
 
     def _fetch(
-        self, layer: int, mine: dict[int, tuple[str, str, int]], manifest: Manifest
+        self,
+        layer: int,
+        mine: dict[int, tuple[str, str, int]],
+        manifest: Manifest,
+        timed: bool = True,
     ) -> dict[int, Tensors]:
-        """Fetches claimed experts in one call and installs them, one ref held."""
+        """Fetches claimed experts in one call and installs them, one ref held;
+        `timed`: their latency counts among the misses'."""
         t0 = time.perf_counter()
         keys = {key: (e, digest, size) for e, (key, digest, size) in mine.items()}
         placed: list[tuple[int, int]] = []
@@ -371,7 +401,8 @@ class LazyExpertLoader:
                 else:
                     self._stats.host_hits += 1
             self._stats.fetches += bool(remote)
-            self._latencies.extend([dt] * len(keys))
+            if timed:
+                self._latencies.extend([dt] * len(keys))
             self._lock.notify_all()
         return {e: prepared[key][0] for key, (e, _, _) in keys.items()}
 
@@ -472,9 +503,9 @@ class LazyExpertLoader:
             self._stats.peak_resident_bytes, self._resident
         )
 
-    def _release(self, digests: list[str]) -> None:
+    def _release(self, digests: list[str], used: bool = True) -> None:
         done = None
-        if self._cuda and self.pool is not None:
+        if used and self._cuda and self.pool is not None:
             # The end of the work queued so far that reads these experts: a
             # slot is not rewritten before it (see loaders.pool).
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -484,7 +515,7 @@ class LazyExpertLoader:
                 entry = self._entries.get(d)
                 if entry is not None:
                     entry.refs -= 1
-                    if entry.slot is not None:
+                    if entry.slot is not None and used:
                         entry.released = done
             self._lock.notify_all()
 
@@ -541,7 +572,10 @@ class LazyExpertLoader:
             i += len(batch)
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> Future[None]:
-        """Warms experts off the forward path; never evicts what is in use."""
+        """Brings experts in off the forward path, on the copy stream (CUDA),
+        as far as room allows without evicting what is in use; experts
+        already resident or coming are skipped. The forward pass that later
+        asks for them waits only for their copies."""
 
         def run() -> None:
             with self._lock:
@@ -554,19 +588,57 @@ class LazyExpertLoader:
                         if not en.refs and not en.pinned
                     )
                 )
-            todo, room = [], free
-            for e in experts:
-                size = self.expert_bytes(layer, e)
-                if size <= room:
-                    todo.append(e)
-                    room -= size
+                todo, room = [], free
+                for e in experts:
+                    _, digest, size = self._digest(layer, e)
+                    if digest in self._entries or digest in self._flights:
+                        continue
+                    if size <= room:
+                        todo.append(e)
+                        room -= size
             if todo:
-                with self.acquire(layer, todo):
+                with self.acquire(layer, todo, count=False, for_use=False):
                     pass
                 with self._lock:
                     self._stats.prefetched += len(todo)
 
-        return self._prefetcher.submit(run)
+        fut = self._prefetcher.submit(run)
+        with self._lock:
+            self._prefetches.add(fut)
+        fut.add_done_callback(self._prefetch_done)
+        return fut
+
+    def _prefetch_done(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._prefetches.discard(fut)
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Waits for the prefetches started so far (their errors are dropped:
+        a forward pass that needs the expert fetches it again and reports)."""
+        with self._lock:
+            pending = list(self._prefetches)
+        for fut in pending:
+            with contextlib.suppress(Exception):
+                fut.result(timeout)
+
+    def note_prediction(self, predicted: int, right: int, routed: int) -> None:
+        """Counts one layer-ahead prediction: `predicted` experts named,
+        `right` of them routed to, out of `routed` experts the layer used."""
+        with self._lock:
+            self._stats.predicted += predicted
+            self._stats.predicted_routed += right
+            self._stats.routed_after_prediction += routed
+
+    def pool_room(self) -> int:
+        """Pool slots a forward step may hold at once: the capacity less the
+        slots of pinned experts (0 without a pool)."""
+        if self.pool is None:
+            return 0
+        with self._lock:
+            pinned = sum(
+                1 for e in self._entries.values() if e.pinned and e.slot is not None
+            )
+        return self.pool.capacity - pinned
 
     def pin(self, layer: int, experts: Sequence[int], pinned: bool = True) -> None:
         """Keeps experts resident until unpinned (they count in the budget).
@@ -788,6 +860,9 @@ class LazyExpertLoader:
                         "bytes_fetched",
                         "evictions",
                         "prefetched",
+                        "predicted",
+                        "predicted_routed",
+                        "routed_after_prediction",
                         "host_hits",
                         "peak_resident_bytes",
                     )

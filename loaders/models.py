@@ -12,6 +12,7 @@ Adding a model family means adding a row to FAMILIES in param_server.core.shards
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -113,24 +114,136 @@ def pooled_experts_forward(
 ) -> torch.Tensor:
     """transformers' own experts implementation on the loader's pool: the
     routed experts are brought into slots and their ids replaced by their
-    slots (one small host synchronisation per layer, to learn the ids). A
-    step that routes to more experts than the pool holds, or to one that
-    came in over the budget, runs the eager loop instead."""
+    slots (one small host synchronisation per layer, to learn the ids; the
+    next layer's prediction rides on it). A step that routes to more experts
+    than the pool holds runs them in groups that fit, one after another; the
+    eager loop runs only when a group cannot get its slots (experts pinned or
+    brought in over the budget)."""
     loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
     layer: int = self._lazy_layer  # type: ignore[assignment]
     num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
     inner: Callable[..., torch.Tensor] = self._lazy_inner  # type: ignore[assignment]
-    pool = loader.pool
-    assert pool is not None
-    ids = torch.unique(top_k_index).tolist()
-    if len(ids) <= pool.capacity:
+    ids, predicted = _routed_and_predicted(self, hidden_states, top_k_index)
+    guess: list[int] | None = self.__dict__.pop("_lazy_predicted", None)
+    if guess is not None:
+        loader.note_prediction(len(guess), len(set(guess) & set(ids)), len(ids))
+    if predicted is not None:
+        self._lazy_ahead[2].__dict__["_lazy_predicted"] = predicted  # type: ignore[index]
+    room = loader.pool_room()
+    if len(ids) <= room:
         with loader.acquire_slots(layer, ids) as slots:
             if slots is not None:
-                table = torch.zeros(num_experts, dtype=torch.long)
-                table[ids] = torch.tensor([slots[e] for e in ids])
-                table = table.to(top_k_index.device, non_blocking=True)
+                if predicted is not None:
+                    # This layer's experts are held: the prefetch cannot evict
+                    # them, and its copies run while this layer computes.
+                    _prefetch_ahead(self, predicted)
+                table = _slot_table(slots, num_experts, top_k_index.device)
                 return inner(self, hidden_states, table[top_k_index], top_k_weights)
+    elif room > 0:
+        out = _in_groups(self, hidden_states, top_k_index, top_k_weights, ids, room)
+        if out is not None:
+            return out
     return lazy_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _slot_table(
+    slots: dict[int, int], num_experts: int, device: torch.device
+) -> torch.Tensor:
+    """Expert id -> pool slot, on `device` (experts not in `slots`: 0)."""
+    table = torch.zeros(num_experts, dtype=torch.long)
+    table[list(slots)] = torch.tensor(list(slots.values()))
+    return table.to(device, non_blocking=True)
+
+
+def _routed_and_predicted(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor
+) -> tuple[list[int], list[int] | None]:
+    """This layer's routed experts and, when the next MoE layer's router is
+    known, the experts it picks for these hidden states (pre-gating: a
+    layer's input predicts the next layer's routing well, because the
+    residual stream changes little from one layer to the next). One host
+    synchronisation for both."""
+    num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
+    ahead = self.__dict__.get("_lazy_ahead")
+    if ahead is None:
+        return torch.unique(top_k_index).tolist(), None
+    router, top_k, _ = ahead
+    with torch.no_grad():
+        # forward, not __call__: the extra routing must not reach hooks that
+        # record router outputs.
+        out = router.forward(hidden_states)
+    if isinstance(out, tuple):
+        guess = out[-1]
+    else:  # a router that returns only logits
+        guess = torch.topk(out, top_k, dim=-1).indices
+    mask = torch.zeros((2, num_experts), dtype=torch.bool, device=top_k_index.device)
+    mask[0, top_k_index.reshape(-1)] = True
+    mask[1, guess.reshape(-1)] = True
+    both = mask.cpu()
+    return both[0].nonzero()[:, 0].tolist(), both[1].nonzero()[:, 0].tolist()
+
+
+def _prefetch_ahead(self: nn.Module, predicted: list[int]) -> None:
+    """Starts bringing the next MoE layer's predicted experts in."""
+    loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
+    _, _, nxt = self._lazy_ahead  # type: ignore[misc]
+    loader.prefetch(nxt._lazy_layer, predicted)
+
+
+def _in_groups(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    ids: list[int],
+    room: int,
+) -> torch.Tensor | None:
+    """The experts of a step routed to more experts than the pool holds, in
+    groups of at most `room`, each on the stock implementation; None when a
+    group cannot get its slots.
+
+    Each (token, choice) row is computed in exactly one group, with the
+    implementation's own kernels and unit weight, so a row's expert output is
+    what the resident model computes; weighting and the per-token sum then
+    repeat the implementation's last two steps on all rows at once.
+    """
+    loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
+    layer: int = self._lazy_layer  # type: ignore[assignment]
+    num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
+    inner: Callable[..., torch.Tensor] = self._lazy_inner  # type: ignore[assignment]
+    device = hidden_states.device
+    tokens, top_k = top_k_index.shape
+    groups = [ids[i : i + room] for i in range(0, len(ids), room)]
+    group_of = torch.zeros(num_experts, dtype=torch.long)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    flat = top_k_index.reshape(-1)
+    gid = group_of.to(device, non_blocking=True)[flat]
+    order = torch.argsort(gid, stable=True)
+    counts = torch.bincount(gid, minlength=len(groups)).tolist()
+    rows = torch.empty(
+        (tokens * top_k, hidden_states.shape[-1]),
+        dtype=hidden_states.dtype,
+        device=device,
+    )
+    unit = torch.ones((max(counts), 1), dtype=top_k_weights.dtype, device=device)
+    start = 0
+    for members, n in zip(groups, counts, strict=True):
+        picked = order[start : start + n]
+        start += n
+        with loader.acquire_slots(layer, members) as slots:
+            if slots is None:
+                return None
+            table = _slot_table(slots, num_experts, device)
+            rows[picked] = inner(
+                self,
+                hidden_states[picked // top_k],
+                table[flat[picked]].unsqueeze(1),
+                unit[:n],
+            )
+    weighted = rows * top_k_weights.reshape(-1).unsqueeze(-1)
+    out = weighted.view(tokens, top_k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype)
 
 
 def _count_hits(loader: LazyExpertLoader):  # type: ignore[no-untyped-def]
@@ -220,6 +333,7 @@ def load_lazy_model(
     policy: EvictionPolicy | None = None,
     experts_implementation: str | None = None,
     host_budget_bytes: int | None = None,
+    prefetch: bool | None = None,
 ) -> LazyModel:
     """Builds `model` from the server with lazily loaded experts.
 
@@ -235,6 +349,13 @@ def load_lazy_model(
     `host_budget_bytes` bounds the host tier of prepared experts in
     page-locked memory (see `LazyExpertLoader`; default on CUDA: every
     expert's bytes, off on the CPU and when every expert is in its slot).
+    With a pool, `prefetch` predicts each next MoE layer's experts by
+    applying its router to the current layer's input, and brings them in
+    on the copy stream while the current layer computes (counted in
+    `loader.stats()`: `prefetched`, `prediction_recall`,
+    `prediction_precision`). None: on with CUDA, off on the CPU, where
+    bringing an expert in takes the same cores the forward pass needs
+    (measured in BENCHMARKS.md).
 
     Raises:
         UnavailableError: the server stayed unreachable (after retries).
@@ -320,6 +441,10 @@ def load_lazy_model(
             runs = "eager"
         loader.pool = pool
         name = IMPLEMENTATION if pool is None else POOLED
+        if prefetch is None:
+            prefetch = torch.device(device).type == "cuda"
+        if pool is not None and prefetch:
+            _link_ahead(net, moe_layers, family)
         for experts in moe_layers.values():
             if pool is not None:
                 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -343,6 +468,22 @@ def load_lazy_model(
         runs,
     )
     return LazyModel(net, loader, manifest, family, shapes, runs)
+
+
+def _link_ahead(
+    net: nn.Module, moe_layers: dict[int, nn.Module], family: ModelFamily
+) -> None:
+    """Gives each experts module the next MoE layer's router and experts
+    module, for the layer-ahead prediction."""
+    order = sorted(moe_layers)
+    default_k = int(getattr(net.config, "num_experts_per_tok", 1) or 1)
+    layers: list[nn.Module] = list(net.model.layers)  # type: ignore[union-attr,arg-type]
+    for here, there in itertools.pairwise(order):
+        router = _get(layers[there], family.router_path)
+        if router is None or not callable(getattr(router, "forward", None)):
+            continue
+        top_k = int(getattr(router, "top_k", default_k))
+        moe_layers[here].__dict__["_lazy_ahead"] = (router, top_k, moe_layers[there])
 
 
 def check_expert_shapes(

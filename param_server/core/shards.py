@@ -53,6 +53,9 @@ class ModelFamily:
     (dense tensors)."""
     experts_path: str = "mlp.experts"
     """Lazy loading: attribute path of the experts module in a decoder layer."""
+    router_path: str = "mlp.gate"
+    """Lazy loading: attribute path of the router in a decoder layer (its
+    forward returns logits, or a tuple ending in the routed expert ids)."""
 
     @property
     def lazy(self) -> bool:
