@@ -209,6 +209,12 @@ def main() -> None:
         default="",
         help="budgets the variants other than 'default' run at (default: all)",
     )
+    ap.add_argument(
+        "--no-host-tier-batches",
+        default="1",
+        help="batches the variants without a host tier run (each miss then "
+        "verifies and prepares the expert again)",
+    )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
@@ -255,6 +261,7 @@ def main() -> None:
         )
         batches = [int(b) for b in args.batches.split(",")]
         small = {int(b) for b in args.small_budget_batches.split(",")}
+        no_host = {int(b) for b in args.no_host_tier_batches.split(",")}
         gen = torch.Generator().manual_seed(1)
         prompts = {
             b: torch.randint(0, args.vocab, (b, 16), generator=gen).to(device)
@@ -322,6 +329,8 @@ def main() -> None:
                         label += f", {variant}"
                     for b in batches:
                         if frac < 1.0 and b not in small:
+                            continue
+                        if not host_on and b not in no_host:
                             continue
                         if b not in base:  # first budget: runs alternate
                             lm.loader.reset_stats()

@@ -98,6 +98,8 @@ class _Entry:
     """Recorded on the copy stream after the host-to-device copy (CUDA only)."""
     slot: int | None = None
     """Its slot in the loader's ExpertPool, when it is in one."""
+    layer: int = -1
+    """The MoE layer it belongs to (whose pool holds it)."""
     released: torch.cuda.Event | None = None
     """Recorded on the compute stream when its last user let it go (CUDA)."""
 
@@ -152,7 +154,7 @@ class LazyExpertLoader:
         prefetch_workers: int = 1,
         policy: EvictionPolicy | None = None,
         slots: ExpertSlots | None = None,
-        pool: ExpertPool | None = None,
+        pool: ExpertPool | dict[int, ExpertPool] | None = None,
         host_budget_bytes: int | None = None,
     ) -> None:
         if budget_bytes <= 0:
@@ -194,7 +196,12 @@ class LazyExpertLoader:
         self._slots: ExpertSlots | None = None
         if slots is not None:
             self.use_slots(slots)
-        self.pool = pool
+        # Where experts live when the budget does not hold them all: slots
+        # that transformers' experts implementations run on, in one pool
+        # shared by the layers or in one pool per layer.
+        self.pool = pool if isinstance(pool, ExpertPool) else None
+        self.pools = pool if isinstance(pool, dict) else None
+        self._flying: dict[int, int] = {}  # layer -> flights bound for its pool
         # The host tier: prepared experts in page-locked memory, verified, so
         # that a device miss costs a host-to-device copy, not a fetch.
         if host_budget_bytes is None:
@@ -206,8 +213,6 @@ class LazyExpertLoader:
         self.host_budget_bytes = host_budget_bytes
         self._host: OrderedDict[str, tuple[Tensors, int]] = OrderedDict()
         self._host_bytes = 0
-        """Where experts live when the budget does not hold them all (shared
-        slots that transformers' experts implementations run on), or None."""
 
     @classmethod
     def for_model(
@@ -276,7 +281,7 @@ class LazyExpertLoader:
         try:
             pending = dict(ids)
             while pending:
-                mine, waits = self._claim(pending, held, count, evict)
+                mine, waits = self._claim(layer, pending, held, count, evict)
                 if mine:
                     # installed with our ref
                     held.update(self._fetch(layer, mine, m, timed=count))
@@ -292,6 +297,7 @@ class LazyExpertLoader:
 
     def _claim(
         self,
+        layer: int,
         pending: dict[int, tuple[str, str, int]],
         held: dict[int, Tensors],
         count: bool = True,
@@ -312,8 +318,12 @@ class LazyExpertLoader:
                 elif digest in self._flights:
                     waits.append(self._flights[digest].done)
                 else:
+                    if evict and self.pools is not None:
+                        self._make_slot(layer)
                     if evict:
                         self._make_room(size)
+                    if self.pools is not None:
+                        self._flying[layer] = self._flying.get(layer, 0) + 1
                     self._flights[digest] = _Flight(size)
                     self._resident += size
                     self._note_peak()
@@ -355,11 +365,11 @@ class LazyExpertLoader:
                     dst = self._slots.place(layer, e, digest) if self._slots else None
                     if dst is not None:
                         placed.append((layer, e))
-                    elif self.pool is not None:
-                        got = self.pool.take()
+                    elif (pool := self._pool_of(layer)) is not None:
+                        got = pool.take()
                         if got is not None:
                             slots[key], wait = got
-                            dst = self.pool.views(slots[key])
+                            dst = pool.views(slots[key])
                 prepared[key] = self._to_device(host, dst, wait)
         except (ParamServerError, RuntimeError, ValueError) as err:
             with self._lock:
@@ -367,8 +377,10 @@ class LazyExpertLoader:
                     assert self._slots is not None
                     self._slots.release(*slot)
                 for slot_index in slots.values():
-                    assert self.pool is not None
-                    self.pool.give(slot_index)
+                    pool = self._pool_of(layer)
+                    assert pool is not None
+                    pool.give(slot_index)
+                self._landed(layer, len(keys))
                 for _, digest, size in keys.values():
                     self._flights.pop(digest).done.set_exception(
                         ExpertFetchError(str(err))
@@ -392,6 +404,7 @@ class LazyExpertLoader:
                     pinned=(layer, e) in self._pinned_keys,
                     ready=ready,
                     slot=slots.get(key),
+                    layer=layer,
                 )
                 self._policy.added(digest)
                 self._resident += nbytes - size
@@ -399,12 +412,44 @@ class LazyExpertLoader:
                 if kept[key] is None:
                     self._stats.bytes_fetched += size
                 else:
-                    self._stats.host_hits += 1
+                    self._stats.host_hits += timed
+            self._landed(layer, len(keys))
             self._stats.fetches += bool(remote)
             if timed:
                 self._latencies.extend([dt] * len(keys))
             self._lock.notify_all()
         return {e: prepared[key][0] for key, (e, _, _) in keys.items()}
+
+    def _pool_of(self, layer: int) -> ExpertPool | None:
+        if self.pools is not None:
+            return self.pools.get(layer)
+        return self.pool
+
+    def _landed(self, layer: int, n: int) -> None:
+        """`n` flights bound for `layer`'s pool are over. Needs the lock."""
+        if self.pools is not None:
+            self._flying[layer] = self._flying.get(layer, 0) - n
+
+    def _make_slot(self, layer: int) -> None:
+        """Evicts unheld, unpinned experts of `layer`, in policy order, until
+        its pool has a slot for one more flight. Needs the lock."""
+        pool = self._pool_of(layer)
+        if pool is None or pool.free - self._flying.get(layer, 0) >= 1:
+            return
+        for digest in self._policy.victims():
+            entry = self._entries.get(digest)
+            if (
+                entry is None
+                or entry.layer != layer
+                or entry.slot is None
+                or entry.refs
+                or entry.pinned
+            ):
+                continue
+            self._drop(digest)
+            self._stats.evictions += 1
+            if pool.free - self._flying.get(layer, 0) >= 1:
+                return
 
     def _from_host(self, digest: str) -> Tensors | None:
         """The host tier's prepared tensors of `digest`, or None. Needs the lock."""
@@ -460,8 +505,10 @@ class LazyExpertLoader:
         """Makes the current (compute) stream wait for these experts' copies.
 
         The CPU never blocks; the compute stream waits only for an expert it
-        is about to use. record_stream stops the allocator from reusing an
-        evicted expert's memory while queued kernels may still read it.
+        is about to use; a copy seen finished is forgotten (every stream may
+        read the expert then). record_stream stops the allocator from reusing
+        an evicted expert's memory while queued kernels may still read it
+        (not needed in a pool, whose memory is never freed).
         """
         if not self._cuda:
             return
@@ -470,9 +517,13 @@ class LazyExpertLoader:
             entries = [self._entries[d] for d in digests if d in self._entries]
         for entry in entries:
             if entry.ready is not None:
-                stream.wait_event(entry.ready)
-            for t in entry.tensors.values():
-                t.record_stream(stream)
+                if entry.ready.query():  # type: ignore[no-untyped-call]
+                    entry.ready = None
+                else:
+                    stream.wait_event(entry.ready)
+            if entry.slot is None:
+                for t in entry.tensors.values():
+                    t.record_stream(stream)
 
     def _make_room(self, size: int) -> None:
         """Evicts unheld, unpinned experts in policy order until `size` fits.
@@ -505,7 +556,7 @@ class LazyExpertLoader:
 
     def _release(self, digests: list[str], used: bool = True) -> None:
         done = None
-        if used and self._cuda and self.pool is not None:
+        if used and self._cuda and (self.pool is not None or self.pools):
             # The end of the work queued so far that reads these experts: a
             # slot is not rewritten before it (see loaders.pool).
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -525,8 +576,9 @@ class LazyExpertLoader:
         self._policy.removed(digest)
         self._resident -= entry.nbytes
         if entry.slot is not None:
-            assert self.pool is not None
-            self.pool.give(entry.slot, entry.released)
+            pool = self._pool_of(entry.layer)
+            assert pool is not None
+            pool.give(entry.slot, entry.released)
 
     @contextlib.contextmanager
     def acquire_slots(
@@ -579,21 +631,26 @@ class LazyExpertLoader:
 
         def run() -> None:
             with self._lock:
+                mine = [
+                    en
+                    for en in self._entries.values()
+                    if not en.refs
+                    and not en.pinned
+                    and (self.pools is None or en.layer == layer)
+                ]
                 free = (
-                    self.budget_bytes
-                    - self._resident
-                    + sum(
-                        en.nbytes
-                        for en in self._entries.values()
-                        if not en.refs and not en.pinned
-                    )
+                    self.budget_bytes - self._resident + sum(en.nbytes for en in mine)
                 )
-                todo, room = [], free
+                slots = len(experts)
+                if (pool := self._pool_of(layer)) is not None and self.pools:
+                    slots = pool.free - self._flying.get(layer, 0) + len(mine)
+                todo: list[int] = []
+                room = free
                 for e in experts:
                     _, digest, size = self._digest(layer, e)
                     if digest in self._entries or digest in self._flights:
                         continue
-                    if size <= room:
+                    if size <= room and len(todo) < slots:
                         todo.append(e)
                         room -= size
             if todo:
@@ -629,16 +686,23 @@ class LazyExpertLoader:
             self._stats.predicted_routed += right
             self._stats.routed_after_prediction += routed
 
-    def pool_room(self) -> int:
-        """Pool slots a forward step may hold at once: the capacity less the
-        slots of pinned experts (0 without a pool)."""
-        if self.pool is None:
+    def pool_room(self, layer: int) -> int:
+        """Pool slots a forward step of `layer` may hold at once: its pool's
+        capacity less the slots of pinned experts (0 without a pool)."""
+        pool = self._pool_of(layer)
+        if pool is None:
             return 0
+        if not self._pinned_keys:
+            return pool.capacity
         with self._lock:
             pinned = sum(
-                1 for e in self._entries.values() if e.pinned and e.slot is not None
+                1
+                for e in self._entries.values()
+                if e.pinned
+                and e.slot is not None
+                and (self.pools is None or e.layer == layer)
             )
-        return self.pool.capacity - pinned
+        return pool.capacity - pinned
 
     def pin(self, layer: int, experts: Sequence[int], pinned: bool = True) -> None:
         """Keeps experts resident until unpinned (they count in the budget).
@@ -781,7 +845,7 @@ class LazyExpertLoader:
                     continue
                 self._drop(digest)
                 dropped += 1
-            if self.pool is not None:
+            if self.pool is not None or self.pools:
                 self._into_pool()
             self._lock.notify_all()
         return dropped
@@ -792,15 +856,15 @@ class LazyExpertLoader:
         freed, so that the stock kernels run on them too. Needs the lock, and
         no forward pass running: the copies are queued on the current stream,
         after any work that read the slots' old experts."""
-        assert self.pool is not None
         for entry in self._entries.values():
             if entry.slot is not None or entry.refs:
                 continue
-            got = self.pool.take()
-            if got is None:
-                return
+            pool = self._pool_of(entry.layer)
+            got = pool.take() if pool is not None else None
+            if pool is None or got is None:
+                continue
             slot, _ = got  # freed under this flip: the current stream is after it
-            views = self.pool.views(slot)
+            views = pool.views(slot)
             stream = torch.cuda.current_stream(self.device) if self._cuda else None
             if stream is not None and entry.ready is not None:
                 stream.wait_event(entry.ready)

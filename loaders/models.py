@@ -114,30 +114,29 @@ def pooled_experts_forward(
 ) -> torch.Tensor:
     """transformers' own experts implementation on the loader's pool: the
     routed experts are brought into slots and their ids replaced by their
-    slots (one small host synchronisation per layer, to learn the ids; the
-    next layer's prediction rides on it). A step that routes to more experts
-    than the pool holds runs them in groups that fit, one after another; the
-    eager loop runs only when a group cannot get its slots (experts pinned or
-    brought in over the budget)."""
+    slots through a map kept on the device (one small host synchronisation
+    per layer, to learn the ids; the next layer's prediction rides on it). A
+    step that routes to more experts than the pool holds runs them in groups
+    that fit, one after another; the eager loop runs only when a group
+    cannot get its slots (experts pinned or brought in over the budget)."""
     loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
     layer: int = self._lazy_layer  # type: ignore[assignment]
-    num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
     inner: Callable[..., torch.Tensor] = self._lazy_inner  # type: ignore[assignment]
-    ids, predicted = _routed_and_predicted(self, hidden_states, top_k_index)
+    ids, predicted, likeliest = _routed_and_predicted(self, hidden_states, top_k_index)
     guess: list[int] | None = self.__dict__.pop("_lazy_predicted", None)
     if guess is not None:
         loader.note_prediction(len(guess), len(set(guess) & set(ids)), len(ids))
     if predicted is not None:
         self._lazy_ahead[2].__dict__["_lazy_predicted"] = predicted  # type: ignore[index]
-    room = loader.pool_room()
+    room = loader.pool_room(layer)
     if len(ids) <= room:
         with loader.acquire_slots(layer, ids) as slots:
             if slots is not None:
-                if predicted is not None:
+                if likeliest:
                     # This layer's experts are held: the prefetch cannot evict
                     # them, and its copies run while this layer computes.
-                    _prefetch_ahead(self, predicted)
-                table = _slot_table(slots, num_experts, top_k_index.device)
+                    _prefetch_ahead(self, likeliest)
+                table = _slot_map(self, slots, top_k_index.device)
                 return inner(self, hidden_states, table[top_k_index], top_k_weights)
     elif room > 0:
         out = _in_groups(self, hidden_states, top_k_index, top_k_weights, ids, room)
@@ -146,27 +145,43 @@ def pooled_experts_forward(
     return lazy_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _slot_table(
-    slots: dict[int, int], num_experts: int, device: torch.device
+def _slot_map(
+    self: nn.Module, slots: dict[int, int], device: torch.device
 ) -> torch.Tensor:
-    """Expert id -> pool slot, on `device` (experts not in `slots`: 0)."""
-    table = torch.zeros(num_experts, dtype=torch.long)
-    table[list(slots)] = torch.tensor(list(slots.values()))
-    return table.to(device, non_blocking=True)
+    """The layer's map expert id -> pool slot, on `device`, updated for
+    `slots` (experts held now). It lives on the device with a host mirror,
+    so only experts that moved since the last step cost a write, queued on
+    the current stream like the kernels that read the map."""
+    table: torch.Tensor | None = self.__dict__.get("_lazy_map")
+    mirror: dict[int, int] = self.__dict__.setdefault("_lazy_mirror", {})
+    if table is None or table.device != device:
+        num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
+        table = torch.zeros(num_experts, dtype=torch.long, device=device)
+        self.__dict__["_lazy_map"] = table
+        mirror.clear()
+    moved = [e for e, s in slots.items() if mirror.get(e) != s]
+    if moved:
+        at = torch.tensor(moved, dtype=torch.long)
+        table[at.to(device)] = torch.tensor([slots[e] for e in moved]).to(device)
+        for e in moved:
+            mirror[e] = slots[e]
+    return table
 
 
 def _routed_and_predicted(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor
-) -> tuple[list[int], list[int] | None]:
+) -> tuple[list[int], list[int] | None, list[int]]:
     """This layer's routed experts and, when the next MoE layer's router is
     known, the experts it picks for these hidden states (pre-gating: a
-    layer's input predicts the next layer's routing well, because the
-    residual stream changes little from one layer to the next). One host
-    synchronisation for both."""
+    layer's input predicts the next layer's routing, because the residual
+    stream changes little from one layer to the next), and of those the
+    top-k most picked (what is prefetched: at large batches the prediction
+    names most experts, and bringing them all in would evict the ones
+    in use). One host synchronisation for all."""
     num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
     ahead = self.__dict__.get("_lazy_ahead")
     if ahead is None:
-        return torch.unique(top_k_index).tolist(), None
+        return torch.unique(top_k_index).tolist(), None, []
     router, top_k, _ = ahead
     with torch.no_grad():
         # forward, not __call__: the extra routing must not reach hooks that
@@ -176,18 +191,22 @@ def _routed_and_predicted(
         guess = out[-1]
     else:  # a router that returns only logits
         guess = torch.topk(out, top_k, dim=-1).indices
-    mask = torch.zeros((2, num_experts), dtype=torch.bool, device=top_k_index.device)
-    mask[0, top_k_index.reshape(-1)] = True
-    mask[1, guess.reshape(-1)] = True
-    both = mask.cpu()
-    return both[0].nonzero()[:, 0].tolist(), both[1].nonzero()[:, 0].tolist()
+    votes = torch.zeros((2, num_experts), dtype=torch.int32, device=guess.device)
+    for row, index in enumerate((top_k_index, guess)):
+        flat = index.reshape(-1).to(votes.device)
+        votes[row].scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    both = votes.cpu()
+    routed = both[0].nonzero()[:, 0].tolist()
+    named = both[1].nonzero()[:, 0].tolist()
+    likeliest = both[1].argsort(descending=True, stable=True)[: min(top_k, len(named))]
+    return routed, named, likeliest.tolist()
 
 
-def _prefetch_ahead(self: nn.Module, predicted: list[int]) -> None:
-    """Starts bringing the next MoE layer's predicted experts in."""
+def _prefetch_ahead(self: nn.Module, experts: list[int]) -> None:
+    """Starts bringing `experts` of the next MoE layer in."""
     loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
     _, _, nxt = self._lazy_ahead  # type: ignore[misc]
-    loader.prefetch(nxt._lazy_layer, predicted)
+    loader.prefetch(nxt._lazy_layer, experts)
 
 
 def _in_groups(
@@ -202,11 +221,17 @@ def _in_groups(
     groups of at most `room`, each on the stock implementation; None when a
     group cannot get its slots.
 
-    Each (token, choice) row is computed in exactly one group, with the
-    implementation's own kernels and unit weight, so a row's expert output is
+    Each (token, choice) row's expert output is taken from exactly one group,
+    computed by the implementation's own kernels with unit weight, so it is
     what the resident model computes; weighting and the per-token sum then
     repeat the implementation's last two steps on all rows at once.
+    grouped_mm gets a group's rows only (its kernels compute each expert's
+    rows alike however many other rows there are); the others get every row
+    each time, because batched matrix products may pick another algorithm,
+    and another summation order, for another number of rows.
     """
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
     loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
     layer: int = self._lazy_layer  # type: ignore[assignment]
     num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
@@ -221,12 +246,17 @@ def _in_groups(
     gid = group_of.to(device, non_blocking=True)[flat]
     order = torch.argsort(gid, stable=True)
     counts = torch.bincount(gid, minlength=len(groups)).tolist()
+    every_row = inner is not grouped_mm_experts_forward
     rows = torch.empty(
         (tokens * top_k, hidden_states.shape[-1]),
         dtype=hidden_states.dtype,
         device=device,
     )
-    unit = torch.ones((max(counts), 1), dtype=top_k_weights.dtype, device=device)
+    unit = torch.ones(
+        (tokens * top_k if every_row else max(counts), 1),
+        dtype=top_k_weights.dtype,
+        device=device,
+    )
     start = 0
     for members, n in zip(groups, counts, strict=True):
         picked = order[start : start + n]
@@ -234,13 +264,22 @@ def _in_groups(
         with loader.acquire_slots(layer, members) as slots:
             if slots is None:
                 return None
-            table = _slot_table(slots, num_experts, device)
-            rows[picked] = inner(
-                self,
-                hidden_states[picked // top_k],
-                table[flat[picked]].unsqueeze(1),
-                unit[:n],
-            )
+            table = _slot_map(self, slots, device)
+            if every_row:  # rows of other groups: computed, not kept
+                out = inner(
+                    self,
+                    hidden_states.repeat_interleave(top_k, dim=0),
+                    table[flat].unsqueeze(1),
+                    unit,
+                )
+                rows[picked] = out[picked]
+            else:
+                rows[picked] = inner(
+                    self,
+                    hidden_states[picked // top_k],
+                    table[flat[picked]].unsqueeze(1),
+                    unit[:n],
+                )
     weighted = rows * top_k_weights.reshape(-1).unsqueeze(-1)
     out = weighted.view(tokens, top_k, -1).sum(dim=1)
     return out.to(hidden_states.dtype)
@@ -295,16 +334,19 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
     return found
 
 
-def _pool_for(
+def _pools_for(
     implementation: str,
     moe_layers: dict[int, nn.Module],
     fused: dict[str, tuple[torch.Size, torch.dtype]],
     budget_bytes: int,
     device: str | torch.device,
-) -> ExpertPool | None:
-    """A pool of as many expert slots as the budget holds, for an
-    implementation that can run on one (not eager: its result depends on the
-    order it visits experts in, and the eager loop on cached experts is it)."""
+) -> dict[int, ExpertPool] | None:
+    """One pool of expert slots per MoE layer, together as many as the
+    budget holds, for an implementation that can run on one (not eager: its
+    result depends on the order it visits experts in, and the eager loop on
+    cached experts is it). Per layer, because the stock kernels' cost grows
+    with the number of experts they are shown (grouped_mm walks every
+    group), so a layer is shown its own slots only."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     if implementation == "eager" or implementation not in ALL_EXPERTS_FUNCTIONS:
@@ -318,9 +360,13 @@ def _pool_for(
         for shape in shapes.values()
     )
     capacity = budget_bytes // per_expert
-    if capacity < 1:
+    if capacity < len(moe_layers):
         return None
-    return ExpertPool(shapes, capacity, dtype=dtype, device=device)
+    share, extra = divmod(capacity, len(moe_layers))
+    return {
+        layer: ExpertPool(shapes, share + (i < extra), dtype=dtype, device=device)
+        for i, layer in enumerate(sorted(moe_layers))
+    }
 
 
 def load_lazy_model(
@@ -436,22 +482,22 @@ def load_lazy_model(
         runs = str(net.config._experts_implementation)
     else:
         runs = str(net.config._experts_implementation)
-        pool = _pool_for(runs, moe_layers, fused, budget_bytes, device)
-        if pool is None:
+        pools = _pools_for(runs, moe_layers, fused, budget_bytes, device)
+        if pools is None:
             runs = "eager"
-        loader.pool = pool
-        name = IMPLEMENTATION if pool is None else POOLED
+        loader.pools = pools
+        name = IMPLEMENTATION if pools is None else POOLED
         if prefetch is None:
             prefetch = torch.device(device).type == "cuda"
-        if pool is not None and prefetch:
+        if pools is not None and prefetch:
             _link_ahead(net, moe_layers, family)
-        for experts in moe_layers.values():
-            if pool is not None:
+        for i, experts in moe_layers.items():
+            if pools is not None:
                 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
                 experts.__dict__["_lazy_inner"] = ALL_EXPERTS_FUNCTIONS[runs]
-                experts.__dict__.update(pool.tensors)  # its weights: the pool
-                experts.__dict__["num_experts"] = pool.capacity
+                experts.__dict__.update(pools[i].tensors)  # its weights: its pool
+                experts.__dict__["num_experts"] = pools[i].capacity
         net.config._experts_implementation = name
         for module in net.modules():
             if hasattr(module, "_lazy_loader"):
@@ -464,7 +510,7 @@ def load_lazy_model(
         budget_bytes,
         "every expert in its slot"
         if in_slots
-        else f"experts on demand{' in a pool' if loader.pool else ''}",
+        else f"experts on demand{' in per-layer pools' if loader.pools else ''}",
         runs,
     )
     return LazyModel(net, loader, manifest, family, shapes, runs)

@@ -45,6 +45,8 @@ def target(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> Iterator[str]:
         (1.0, "eager"),
         (0.5, None),  # half the experts, in the pool: the stock kernel
         (0.5, "batched_mm"),
+        (0.25, None),  # 2 slots, 4 experts routed: in groups on the pool
+        (0.25, "batched_mm"),
         (0.25, "eager"),  # the eager loop on cached experts
     ],
 )
@@ -56,8 +58,10 @@ def test_cuda_logits_equal_the_resident_model(
     implementation: str | None,
 ) -> None:
     """At a full budget every expert is in its slot and the configured
-    implementation (None: transformers' default) runs; below it the eager
-    loop runs on cached experts. Either way: the resident model's logits."""
+    implementation (None: transformers' default) runs; below it the same
+    implementation runs on the pool (in groups when a step routes to more
+    experts than it holds), or the eager loop on cached experts. Either way:
+    the resident model's logits."""
     with ParamClient(target) as c:
         sizes = [
             s.size for k, s in c.get_manifest(tag).shards.items() if ".experts." in k
@@ -93,6 +97,36 @@ def test_cuda_logits_equal_the_resident_model(
         # Copies ran on the loader's own stream, not the compute stream.
         assert lm.loader._copy_stream is not None
         assert lm.loader._copy_stream != torch.cuda.current_stream()
+        lm.close()
+
+
+def test_cuda_prefetch_brings_the_next_layers_experts_in(
+    target: str, checkpoints: dict[str, Checkpoint]
+) -> None:
+    """Decoding one sequence with half the experts in the pool: the next
+    layer's predicted experts come in on the copy stream while a layer
+    computes, and generation is the resident model's, token for token."""
+    tag = "qwen3_moe-bfloat16"
+    with ParamClient(target) as c:
+        sizes = [
+            s.size for k, s in c.get_manifest(tag).shards.items() if ".experts." in k
+        ]
+        lm = load_lazy_model(c, tag, budget_bytes=sum(sizes) // 2, device="cuda")
+        ref = (
+            AutoModelForCausalLM.from_pretrained(checkpoints[tag].path, dtype="auto")
+            .to("cuda")
+            .eval()
+        )
+        prompt = torch.arange(3, 7, device="cuda").view(1, 4)
+        args = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+        with torch.no_grad():
+            assert torch.equal(
+                ref.generate(prompt, **args), lm.model.generate(prompt, **args)
+            )
+        lm.loader.settle()
+        st = lm.loader.stats()
+        assert st.prefetched > 0 and st.routed_after_prediction > 0
+        assert st.peak_resident_bytes <= lm.loader.budget_bytes
         lm.close()
 
 

@@ -243,7 +243,7 @@ def test_a_node_with_a_pool_swaps_exactly(live: Live, tmp_path: Path) -> None:
     version's experts come in beside the pool and move into the slots the
     flip frees, so every version's logits are the resident model's."""
     lm, sw = live.node(0.5, implementation="grouped_mm")
-    assert lm.loader.pool is not None
+    assert lm.loader.pools is not None
     assert logits(lm) == live.ref(1, tmp_path, "grouped_mm")
     v2 = live.bump(experts=((0, 0), (0, 3), (1, 1)), dense=("layers.1.dense",))
     assert sw.wait_for_version(v2, 10)

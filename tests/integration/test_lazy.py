@@ -90,6 +90,7 @@ def lazy(
     model: str,
     fraction: float,
     implementation: str | None = "eager",
+    prefetch: bool | None = None,
 ) -> LazyModel:
     total, largest = expert_sizes(client, model)
     return load_lazy_model(
@@ -97,6 +98,7 @@ def lazy(
         model,
         budget_bytes=max(largest, int(total * fraction)),
         experts_implementation=implementation,
+        prefetch=prefetch,
     )
 
 
@@ -463,10 +465,10 @@ def test_a_small_budget_equals_the_resident_model_under_each_implementation(
     model_type: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A quarter of the experts fit (2 slots, and one step routes to all 4
-    experts of a layer): under eager the loop runs on cached experts; under
-    batched_mm and grouped_mm the stock implementation runs on the pool, in
-    groups of 2 experts, with the next layer's experts prefetched. The
+    """A quarter of the experts fit (a slot per layer, and each token routes
+    to 2 experts): under eager the loop runs on cached experts; under
+    batched_mm and grouped_mm the stock implementation runs on the layer's
+    pool, one expert at a time, with the next layer's routing predicted. The
     logits are the resident model's under the same implementation, bit for
     bit, in every family."""
     import loaders.models
@@ -488,13 +490,13 @@ def test_a_small_budget_equals_the_resident_model_under_each_implementation(
     try:
         with ParamClient(f"127.0.0.1:{port}") as c:
             for implementation in IMPLEMENTATIONS:
-                lm = lazy(c, model_type, 0.25, implementation)
+                lm = lazy(c, model_type, 0.25, implementation, prefetch=True)
                 try:
                     pooled = implementation != "eager"
-                    assert (lm.loader.pool is not None) == pooled
-                    if pooled:
-                        assert lm.loader.pool is not None
-                        assert lm.loader.pool.capacity == 2
+                    assert (lm.loader.pools is not None) == pooled
+                    if pooled:  # a slot per layer
+                        assert lm.loader.pools is not None
+                        assert [p.capacity for p in lm.loader.pools.values()] == [1, 1]
                     want = eager(path, implementation)
                     with torch.no_grad():
                         for prompt in (PROMPT, PROMPT, PROMPT[:1, :1]):
@@ -565,7 +567,7 @@ def test_the_default_is_transformers_default_and_shrinking_is_refused(
         lm.close()
     below = load_lazy_model(client, "mixtral-float32", budget_bytes=total - 1)
     assert below.experts_implementation == "grouped_mm"  # on demand, in a pool
-    assert below.loader.pool is not None
+    assert below.loader.pools is not None
     below.close()
     loop = load_lazy_model(
         client,
@@ -573,7 +575,7 @@ def test_the_default_is_transformers_default_and_shrinking_is_refused(
         budget_bytes=total - 1,
         experts_implementation="eager",
     )
-    assert loop.loader.pool is None  # the eager loop on cached experts
+    assert loop.loader.pools is None  # the eager loop on cached experts
     loop.close()
 
 
@@ -626,7 +628,7 @@ def test_a_smaller_budget_runs_the_stock_implementation_on_the_pool(
     lm = lazy(client, tag, 0.5, implementation)
     try:
         assert (
-            lm.loader.pool is not None and lm.experts_implementation == implementation
+            lm.loader.pools is not None and lm.experts_implementation == implementation
         )
         ref = eager(checkpoints[tag].path, implementation)
         monkeypatch.setattr(loaders.models, "lazy_experts_forward", no_loop)
