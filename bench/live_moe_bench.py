@@ -100,7 +100,7 @@ def skew_routers(model: nn.Module, biases: list[torch.Tensor]) -> None:
         logits = nn.functional.linear(hidden_states, self.weight) + self._skew
         probs = torch.softmax(logits, dtype=torch.float, dim=-1)
         top, idx = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
+        if getattr(self, "norm_topk_prob", True):  # Mixtral always normalises
             top /= top.sum(dim=-1, keepdim=True)
         return logits, top.to(logits.dtype), idx
 
@@ -332,24 +332,17 @@ def main() -> None:
                             continue
                         if not host_on and b not in no_host:
                             continue
-                        if b not in base:  # first budget: runs alternate
-                            lm.loader.reset_stats()
-                            base[b], tps = interleaved(
-                                resident,
-                                lm.model,
-                                prompts[b],
-                                args.new_tokens,
-                                args.repeat,
-                            )
-                            rows.append((f"resident ({impl})", b, base[b], 1.0, *dash))
-                        else:
-                            decode_runs(lm.model, prompts[b], args.new_tokens)
-                            lm.loader.settle()
-                            lm.loader.reset_stats()  # counters of the timed runs
-                            tps = statistics.median(
-                                decode_runs(lm.model, prompts[b], args.new_tokens)
-                                for _ in range(args.repeat)
-                            )
+                        # Every row's runs alternate with the resident model's,
+                        # so that a drift of the machine's speed hits both alike.
+                        decode_runs(lm.model, prompts[b], args.new_tokens)
+                        lm.loader.settle()
+                        lm.loader.reset_stats()  # counters of the timed runs
+                        ref, tps = interleaved(
+                            resident, lm.model, prompts[b], args.new_tokens, args.repeat
+                        )
+                        if b not in base:
+                            rows.append((f"resident ({impl})", b, ref, 1.0, *dash))
+                        base[b] = ref
                         lm.loader.settle()
                         rows.append(
                             (label, b, tps, tps / base[b], *describe(lm, budget))
