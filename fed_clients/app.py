@@ -3,7 +3,12 @@
 Identity and data come from the SuperNode's node config:
 
     flower-supernode ... \
-        --node-config "institution='hospital-a' data-path='/data/a.safetensors'"
+        --node-config "institution='hospital-a' data-path='/data/notes.jsonl'"
+
+`data-path` names the institution's own text (JSON Lines, Parquet, CSV or a
+folder of .txt files; see `fed_clients.data` for `text-field`, `eval-path`,
+`eval-fraction`, `seq-len`), tokenized with the tokenizer that comes with
+the model, or a generated task's `data.safetensors`.
 
 Under the simulation engine (no such node config) the `partition-id` Flower
 assigns picks the institution of a generated task folder (`data-root`).
@@ -20,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from fed_clients.data import TextData, is_text, load_text_splits, tokenizer_from_files
 from fed_clients.task import TaskError, check_institution, load_split, load_task
 from fed_clients.train import TrainConfig, build_model, evaluate, train_local
 from param_server.federation import protocol, wire
@@ -49,6 +55,8 @@ _CLIP_KEY = "clipping_norm"  # what Flower's DP wrapper puts in the train config
 class Identity:
     institution: str
     data_path: Path
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The node config: options for reading the institution's text."""
 
 
 def identity(context: Context, data_root: str | None = None) -> Identity:
@@ -67,7 +75,7 @@ def identity(context: Context, data_root: str | None = None) -> Identity:
                 f"institution {name!r} has no data-path in --node-config; start the "
                 "SuperNode with --node-config \"institution='NAME' data-path='FILE'\""
             )
-        return Identity(name, Path(str(path)))
+        return Identity(name, Path(str(path)), dict(nc))
     root = (
         data_root
         or context.run_config.get("data-root")
@@ -109,6 +117,39 @@ def _reply_metrics(
     return m
 
 
+def load_data(who: Identity, config: ConfigRecord, split: str) -> torch.Tensor:
+    """The institution's `train` or `test` sequences: its text tokenized with
+    the model's tokenizer (sent in the config), or a generated task's ids.
+
+    Raises:
+        TaskError: bad data (see `fed_clients.data`), or token ids the model's
+            embedding does not have.
+    """
+    if not is_text(who.data_path):
+        return load_split(who.data_path, split)
+    import json
+
+    files = {
+        str(k)[len(protocol.TOKENIZER_PREFIX) :]: bytes(v)  # type: ignore[arg-type]
+        for k, v in config.items()
+        if str(k).startswith(protocol.TOKENIZER_PREFIX)
+    }
+    tokenizer = tokenizer_from_files(files)
+    model = json.loads(str(config[protocol.MODEL_CONFIG]))
+    data = load_text_splits(
+        TextData.from_node_config(who.options, who.data_path),
+        tokenizer,
+        model.get("max_position_embeddings"),
+    )[split]
+    vocab = int(model.get("vocab_size", 0))
+    if vocab and int(data.max()) >= vocab:
+        raise TaskError(
+            f"the tokenizer makes token id {int(data.max())} but the model has "
+            f"{vocab} embeddings; the model and its tokenizer do not match"
+        )
+    return data
+
+
 def handle_train(msg: Message, who: Identity) -> Message:
     t0 = time.monotonic()
     arrays, received, config = _received(msg)
@@ -120,7 +161,7 @@ def handle_train(msg: Message, who: Identity) -> Message:
         proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
         seed=int(config.get(protocol.SEED, 0)) + sum(who.institution.encode()),  # type: ignore[arg-type]
     )
-    data = load_split(who.data_path, "train")
+    data = load_data(who, config, "train")
     result = train_local(str(config[protocol.MODEL_CONFIG]), received, data, cfg)
     dense = config.get(protocol.UPDATE_MODE) == protocol.DENSE
     out = ArrayRecord()
@@ -158,7 +199,7 @@ def handle_train(msg: Message, who: Identity) -> Message:
 def handle_evaluate(msg: Message, who: Identity) -> Message:
     _, received, config = _received(msg)
     model = build_model(str(config[protocol.MODEL_CONFIG]), received)
-    data = load_split(who.data_path, "test")
+    data = load_data(who, config, "test")
     loss = evaluate(model, data)
     content = RecordDict(
         {

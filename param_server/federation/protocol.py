@@ -17,6 +17,20 @@ CLIENT = "client"
 # Train/evaluate config (server -> client).
 MODEL_CONFIG = "model-config"
 """config.json of the model, as text: the client builds the architecture."""
+TOKENIZER_PREFIX = "tokenizer-file."
+"""`tokenizer-file.<name>` -> bytes of one of the model's tokenizer files
+(TOKENIZER_FILES), when it has them: institutions with text tokenize it."""
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Files of a model folder that make up its tokenizer."""
 BASE_VERSION = "base-version"
 UPDATE_MODE = "update-mode"
 """'sparse': send changed tensors in their stored dtype (our strategy);

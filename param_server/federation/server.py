@@ -64,6 +64,8 @@ class RoundBase:
     sent_dtypes: dict[str, str]
     config_json: str
     last_round: int
+    tokenizer: dict[str, bytes] = field(default_factory=dict)
+    """The model's tokenizer files (name -> bytes), for institutions with text."""
 
 
 @dataclass(slots=True)
@@ -115,6 +117,13 @@ def load_state(client: ParamClient, model: str, dense: bool) -> RoundBase:
     config_json = bytes(
         client.fetch_blobs(manifest, [], files=["config.json"])["config.json"]
     ).decode()
+    names = [n for n in protocol.TOKENIZER_FILES if n in manifest.files]
+    tokenizer = {
+        n: bytes(b)
+        for n, b in (
+            client.fetch_blobs(manifest, [], files=names).items() if names else ()
+        )
+    }
     tensors: dict[str, torch.Tensor] = {}
     arrays = ArrayRecord()
     sent: dict[str, str] = {}
@@ -130,6 +139,7 @@ def load_state(client: ParamClient, model: str, dense: bool) -> RoundBase:
         sent,
         config_json,
         last_federated_round(client, manifest),
+        tokenizer,
     )
 
 
@@ -224,6 +234,10 @@ class Federation:
                 protocol.LEARNING_RATE: c.lr,
                 protocol.TRAINABLE: c.trainable,
                 protocol.SEED: c.seed * 1_000_003 + rnd,
+                **{
+                    protocol.TOKENIZER_PREFIX + n: b
+                    for n, b in self.state.tokenizer.items()
+                },
             }
         )
 
@@ -476,7 +490,14 @@ class Federation:
                 out[key] = wire.encode(new[key], dense=True)[0] if key in new else arr
             arrays = out
         self.state = RoundBase(
-            r.manifest, st.layout, tensors, arrays, st.sent_dtypes, st.config_json, rnd
+            r.manifest,
+            st.layout,
+            tensors,
+            arrays,
+            st.sent_dtypes,
+            st.config_json,
+            rnd,
+            st.tokenizer,
         )
 
 

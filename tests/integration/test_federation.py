@@ -477,3 +477,77 @@ def test_secured_deployment_tls_node_auth_and_a_token_refuse_a_stranger(
         assert f"says it is '{FOUR[0]}'" in impostor["reason"]
     finally:
         daemon.stop()
+
+
+def _text_app(paths: dict[int, Path]) -> ClientApp:
+    """Our ClientApp, each partition an institution with its own text file."""
+    from fed_clients.app import Identity
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        part = int(context.node_config["partition-id"])
+        who = Identity(f"lab-{part}", paths[part], {"seq-len": 16, "seed": part})
+        return handle_train(msg, who)
+
+    return app
+
+
+@pytest.mark.timeout(300)
+def test_institutions_train_on_their_own_text_with_the_models_tokenizer(
+    tmp_path: Path,
+) -> None:
+    """Two institutions with JSON Lines and CSV text of their own kind, a
+    third whose file lacks the text field: the tokenizer travels with the
+    model from the store to each institution, the two train and are
+    committed, and the third's rejection names the fields its file has."""
+    import json
+
+    from tests.unit.test_text_data import WORDS, _docs, _tokenizer_files
+
+    task = make_task(tmp_path / "task", ("a", "b", "c"), train_docs=8, test_docs=4)
+    ckpt = write_initial_checkpoint(task, tmp_path / "ckpt", hidden=32)
+    for name, data in _tokenizer_files(tmp_path).items():
+        (ckpt / name).write_bytes(data)
+    import_checkpoint(Store(tmp_path / "store"), ckpt, MODEL)
+    assert task.vocab_size > len(WORDS) + 5  # the model embeds every id
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(30)))
+    reports = tmp_path / "reports.csv"
+    reports.write_text("text\n" + "".join(f"{d[::-1]}\n" for d in _docs(30)))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("".join(json.dumps({"body": d}) + "\n" for d in _docs(30)))
+    srv, target = _serve(tmp_path / "store")
+    try:
+        with ParamClient(target) as c:
+            state = load_state(c, MODEL, dense=False)
+        assert "tokenizer.json" in state.tokenizer
+        cfg = FederationConfig(
+            model=MODEL,
+            param_server=target,
+            num_rounds=1,
+            min_clients=2,
+            min_available=3,
+            local_steps=2,
+            batch_size=4,
+            round_timeout=120.0,
+        )
+        [r] = run_simulation_rounds(
+            cfg, task.root, 3, client_app=_text_app({0: notes, 1: reports, 2: wrong})
+        )
+        assert r.version is not None
+        fed = (
+            Store(tmp_path / "store")
+            .get_manifest(MODEL, r.version)
+            .metadata["federation"]
+        )
+        assert sorted(x["institution"] for x in fed["contributors"]) == [
+            "lab-0",
+            "lab-1",
+        ]
+        [rejected] = fed["rejected"]
+        assert "no field 'text'" in rejected["reason"]
+        assert "body" in rejected["reason"]
+    finally:
+        srv.stop(0).wait()  # type: ignore[attr-defined]
