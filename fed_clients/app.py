@@ -22,6 +22,7 @@ example count and the tokens routed to each expert.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -117,8 +118,8 @@ def _reply_metrics(
     return m
 
 
-def load_data(who: Identity, config: ConfigRecord, split: str) -> torch.Tensor:
-    """The institution's `train` or `test` sequences: its text tokenized with
+def load_data(who: Identity, config: ConfigRecord) -> dict[str, torch.Tensor]:
+    """The institution's `train` and `test` sequences: its text tokenized with
     the model's tokenizer (sent in the config), or a generated task's ids.
 
     Raises:
@@ -126,7 +127,7 @@ def load_data(who: Identity, config: ConfigRecord, split: str) -> torch.Tensor:
             embedding does not have.
     """
     if not is_text(who.data_path):
-        return load_split(who.data_path, split)
+        return {s: load_split(who.data_path, s) for s in ("train", "test")}
     import json
 
     files = {
@@ -136,18 +137,19 @@ def load_data(who: Identity, config: ConfigRecord, split: str) -> torch.Tensor:
     }
     tokenizer = tokenizer_from_files(files)
     model = json.loads(str(config[protocol.MODEL_CONFIG]))
-    data = load_text_splits(
+    splits = load_text_splits(
         TextData.from_node_config(who.options, who.data_path),
         tokenizer,
         model.get("max_position_embeddings"),
-    )[split]
+    )
     vocab = int(model.get("vocab_size", 0))
-    if vocab and int(data.max()) >= vocab:
+    top = max(int(t.max()) for t in splits.values())
+    if vocab and top >= vocab:
         raise TaskError(
-            f"the tokenizer makes token id {int(data.max())} but the model has "
-            f"{vocab} embeddings; the model and its tokenizer do not match"
+            f"the tokenizer makes token id {top} but the model has {vocab} "
+            "embeddings; the model and its tokenizer do not match"
         )
-    return data
+    return splits
 
 
 def handle_train(msg: Message, who: Identity) -> Message:
@@ -161,8 +163,14 @@ def handle_train(msg: Message, who: Identity) -> Message:
         proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
         seed=int(config.get(protocol.SEED, 0)) + sum(who.institution.encode()),  # type: ignore[arg-type]
     )
-    data = load_data(who, config, "train")
-    result = train_local(str(config[protocol.MODEL_CONFIG]), received, data, cfg)
+    splits = load_data(who, config)
+    result = train_local(
+        str(config[protocol.MODEL_CONFIG]),
+        received,
+        splits["train"],
+        cfg,
+        held_out=splits["test"],
+    )
     dense = config.get(protocol.UPDATE_MODE) == protocol.DENSE
     out = ArrayRecord()
     changed = 0
@@ -186,6 +194,9 @@ def handle_train(msg: Message, who: Identity) -> Message:
         result.num_examples, result.train_loss, result.expert_tokens
     )
     metrics[protocol.TRAIN_SECONDS] = time.monotonic() - t0
+    if result.held_out_loss is not None and math.isfinite(result.held_out_loss):
+        metrics[protocol.HELD_OUT_LOSS] = result.held_out_loss
+        metrics[protocol.HELD_OUT_EXAMPLES] = len(splits["test"])
     content = RecordDict(
         {
             protocol.ARRAYS: out,
@@ -199,7 +210,7 @@ def handle_train(msg: Message, who: Identity) -> Message:
 def handle_evaluate(msg: Message, who: Identity) -> Message:
     _, received, config = _received(msg)
     model = build_model(str(config[protocol.MODEL_CONFIG]), received)
-    data = load_data(who, config, "test")
+    data = load_data(who, config)["test"]
     loss = evaluate(model, data)
     content = RecordDict(
         {

@@ -60,6 +60,8 @@ class TrainResult:
     train_loss: float
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)
     """Layer -> tokens routed to each expert during training."""
+    held_out_loss: float | None = None
+    """Loss of the received model on the institution's held-out split."""
 
 
 def _to_checkpoint_layout(
@@ -143,10 +145,16 @@ def train_local(
     received: Mapping[str, torch.Tensor],
     data: torch.Tensor,
     cfg: TrainConfig,
+    held_out: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Trains the selected parameters for `cfg.steps` steps on `data`."""
+    """Trains the selected parameters for `cfg.steps` steps on `data`; with
+    `held_out`, first measures the received model's loss on it."""
     torch.manual_seed(cfg.seed)
     model = build_model(config_json, received)
+    before = None
+    if held_out is not None and len(held_out):
+        with torch.no_grad():
+            before = evaluate(model, held_out)
     model.train()
     pattern = re.compile(TRAINABLE_PRESETS.get(cfg.trainable, cfg.trainable))
     params = []
@@ -190,6 +198,7 @@ def train_local(
         num_examples=len(data),
         train_loss=sum(losses) / len(losses),
         expert_tokens={layer: [int(c) for c in t] for layer, t in tokens.items()},
+        held_out_loss=before,
     )
 
 

@@ -79,6 +79,8 @@ class ClientUpdate:
     train_loss: float | None = None
     update_norm: float = 0.0
     train_seconds: float | None = None
+    held_out_loss: float | None = None
+    """The received model's loss on the institution's held-out split."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +221,14 @@ def parse_reply(
         train_loss=float(loss) if isinstance(loss, int | float) else None,
         update_norm=norm,
         train_seconds=_number(metrics.get(protocol.TRAIN_SECONDS)),
+        held_out_loss=_loss(metrics.get(protocol.HELD_OUT_LOSS)),
     )
+
+
+def _loss(v: object) -> float | None:
+    """A reported loss, or None when it is not a finite, non-negative number."""
+    x = _number(v)
+    return x if x is not None and x >= 0 else None
 
 
 def _number(v: object) -> float | None:

@@ -46,6 +46,10 @@ PROXIMAL_MU = "proximal-mu"  # Flower's FedProx key
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
+HELD_OUT_LOSS = "held-out-loss"
+"""In a train reply: the received model's loss (nats per token) on the
+institution's own held-out split, measured before training."""
+HELD_OUT_EXAMPLES = "held-out-examples"
 TRAIN_SECONDS = "train-seconds"
 """Wall time the institution spent in its handler (building, training, packing)."""
 TOKENS_PREFIX = "expert-tokens."

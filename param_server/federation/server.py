@@ -327,12 +327,27 @@ class Federation:
                     "update_norm": round(u.update_norm, 6),
                     "train_seconds": u.train_seconds,
                 }
+                | _held_out(u.held_out_loss)
                 | _vouched(ids.get(u.node_id))
                 for u in updates
             ],
             rejected=[r.as_dict() for r in rejected],
         )
         result.wait_seconds = wait_s
+        held = [
+            f"{u.institution} {f['held_out_loss']:.4f} (ppl "
+            f"{f['held_out_perplexity']:.2f})"
+            for u in updates
+            if (f := _held_out(u.held_out_loss))
+        ]
+        if held:
+            logger.info(
+                "round %d: held-out loss of %s@%d by institution: %s",
+                rnd,
+                c.model,
+                st.manifest.version,
+                ", ".join(held),
+            )
         if len(updates) < c.min_clients:
             result.note = (
                 f"only {len(updates)} valid update(s), {c.min_clients} needed "
@@ -499,6 +514,16 @@ class Federation:
             rnd,
             st.tokenizer,
         )
+
+
+def _held_out(loss: float | None) -> dict[str, float]:
+    """Provenance fields of an institution's held-out loss (and perplexity)."""
+    if loss is None:
+        return {}
+    return {
+        "held_out_loss": round(loss, 6),
+        "held_out_perplexity": round(math.exp(min(loss, 50.0)), 4),
+    }
 
 
 def make_server_app(

@@ -546,6 +546,13 @@ def test_institutions_train_on_their_own_text_with_the_models_tokenizer(
             "lab-0",
             "lab-1",
         ]
+        # Each institution measured the round's starting model on its own
+        # held-out split; the commit records it.
+        for x in fed["contributors"]:
+            assert 0 < x["held_out_loss"] < 20
+            assert x["held_out_perplexity"] == pytest.approx(
+                math.exp(x["held_out_loss"]), rel=1e-4
+            )
         [rejected] = fed["rejected"]
         assert "no field 'text'" in rejected["reason"]
         assert "body" in rejected["reason"]

@@ -210,3 +210,34 @@ def test_pack_drops_only_a_short_tail(tokenizer: Any) -> None:
         == tokenizer("the patient was", add_special_tokens=False)["input_ids"]
     )
     assert out.shape == (2, 3)
+
+
+def test_the_client_reads_its_text_with_the_tokenizer_the_round_carries(
+    tmp_path: Path,
+) -> None:
+    from flwr.app import ConfigRecord
+
+    from fed_clients.app import Identity, load_data
+    from param_server.federation import protocol
+
+    model = {"vocab_size": 64, "max_position_embeddings": 32}
+    files = {
+        protocol.TOKENIZER_PREFIX + n: b for n, b in _tokenizer_files(tmp_path).items()
+    }
+    config = ConfigRecord({protocol.MODEL_CONFIG: json.dumps(model), **files})
+    who = Identity("lab", _write(tmp_path / "n.jsonl", _docs(10)), {"seq-len": 13})
+    splits = load_data(who, config)
+    assert splits["train"].shape == (9, 13) and splits["test"].shape == (1, 13)
+
+    def fails(match: str, config: ConfigRecord, who: Identity = who) -> None:
+        with pytest.raises(TaskError, match=match):
+            load_data(who, config)
+
+    small = {**model, "vocab_size": 5}
+    fails(
+        "has 5 embeddings",
+        ConfigRecord({protocol.MODEL_CONFIG: json.dumps(small), **files}),
+    )
+    fails("no tokenizer", ConfigRecord({protocol.MODEL_CONFIG: json.dumps(model)}))
+    long = Identity("lab", who.data_path, {"seq-len": 64})
+    fails("longer than the model takes", config, long)
