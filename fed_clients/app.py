@@ -8,7 +8,10 @@ Identity and data come from the SuperNode's node config:
 `data-path` names the institution's own text (JSON Lines, Parquet, CSV or a
 folder of .txt files; see `fed_clients.data` for `text-field`, `eval-path`,
 `eval-fraction`, `seq-len`), tokenized with the tokenizer that comes with
-the model, or a generated task's `data.safetensors`.
+the model, or a generated task's `data.safetensors`. `micro-batch-size`
+makes a step accumulate gradients over smaller forward passes (a small GPU
+or a CPU reaching the configured batch); `train-device` picks where to train
+(default: CUDA when there is one).
 
 Under the simulation engine (no such node config) the `partition-id` Flower
 assigns picks the institution of a generated task folder (`data-root`).
@@ -152,6 +155,18 @@ def load_data(who: Identity, config: ConfigRecord) -> dict[str, torch.Tensor]:
     return splits
 
 
+def _option_int(who: Identity, name: str) -> int | None:
+    value = who.options.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TaskError(
+            f"{name} in --node-config must be a number, got {value!r}"
+        ) from None
+
+
 def handle_train(msg: Message, who: Identity) -> Message:
     t0 = time.monotonic()
     arrays, received, config = _received(msg)
@@ -162,6 +177,10 @@ def handle_train(msg: Message, who: Identity) -> Message:
         trainable=str(config.get(protocol.TRAINABLE, "experts")),
         proximal_mu=float(config.get(protocol.PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
         seed=int(config.get(protocol.SEED, 0)) + sum(who.institution.encode()),  # type: ignore[arg-type]
+        micro_batch_size=_option_int(who, "micro-batch-size"),
+        device=str(who.options["train-device"])
+        if "train-device" in who.options
+        else None,
     )
     splits = load_data(who, config)
     result = train_local(

@@ -42,10 +42,20 @@ class TrainConfig:
     proximal_mu: float = 0.0
     """FedProx: weight of ||w - w_global||^2 / 2 in the loss."""
     seed: int = 0
+    micro_batch_size: int | None = None
+    """Sequences per forward pass; a step accumulates gradients over
+    `batch_size` of them (None: the whole batch at once). What a small GPU or
+    a CPU sets to reach the configured batch."""
+    device: str | None = None
+    """Where to train; None: CUDA when there is one, else the CPU."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("steps and batch_size must be >= 1 and lr > 0")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(
+                f"micro-batch size must be >= 1, got {self.micro_batch_size}"
+            )
         try:
             re.compile(TRAINABLE_PRESETS.get(self.trainable, self.trainable))
         except re.error as e:
@@ -150,7 +160,11 @@ def train_local(
     """Trains the selected parameters for `cfg.steps` steps on `data`; with
     `held_out`, first measures the received model's loss on it."""
     torch.manual_seed(cfg.seed)
-    model = build_model(config_json, received)
+    device = torch.device(
+        cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    model = build_model(config_json, received).to(device)
+    held_out = held_out.to(device) if held_out is not None else None
     before = None
     if held_out is not None and len(held_out):
         with torch.no_grad():
@@ -172,23 +186,29 @@ def train_local(
     k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
     tokens: dict[int, torch.Tensor] = {}
     losses: list[float] = []
+    micro = cfg.micro_batch_size or cfg.batch_size
     for idx in _batches(len(data), cfg.steps, cfg.batch_size, g):
-        ids = data[idx]
-        out = model(input_ids=ids, labels=ids, output_router_logits=k > 0)
-        loss = out.loss
-        if anchors:
-            prox = sum(
-                ((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)
-            )
-            loss = loss + cfg.proximal_mu / 2 * prox
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for n, part in enumerate(torch.split(idx, micro)):
+            ids = data[part].to(device)
+            out = model(input_ids=ids, labels=ids, output_router_logits=k > 0)
+            # Sequences are packed to one length: the batch's mean loss is
+            # the micro-batches' means weighted by their sizes.
+            loss = out.loss * (len(part) / len(idx))
+            if anchors and n == 0:
+                prox = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)
+                )
+                loss = loss + cfg.proximal_mu / 2 * prox
+            loss.backward()
+            step_loss += float(loss.detach())
+            for layer, logits in enumerate(getattr(out, "router_logits", None) or ()):
+                chosen = logits.detach().topk(k, dim=-1).indices.flatten()
+                counts = torch.bincount(chosen, minlength=logits.shape[-1]).cpu()
+                tokens[layer] = tokens.get(layer, 0) + counts
         opt.step()
-        losses.append(float(loss.detach()))
-        for layer, logits in enumerate(getattr(out, "router_logits", None) or ()):
-            chosen = logits.detach().topk(k, dim=-1).indices.flatten()
-            counts = torch.bincount(chosen, minlength=logits.shape[-1])
-            tokens[layer] = tokens.get(layer, 0) + counts
+        losses.append(step_loss)
     model.eval()
     state = checkpoint_state(model, received)
     if not all(math.isfinite(x) for x in losses):
