@@ -24,6 +24,7 @@ example count and the tokens routed to each expert.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -131,8 +132,6 @@ def load_data(who: Identity, config: ConfigRecord) -> dict[str, torch.Tensor]:
     """
     if not is_text(who.data_path):
         return {s: load_split(who.data_path, s) for s in ("train", "test")}
-    import json
-
     files = {
         str(k)[len(protocol.TOKENIZER_PREFIX) :]: bytes(v)  # type: ignore[arg-type]
         for k, v in config.items()

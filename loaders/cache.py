@@ -370,6 +370,7 @@ class LazyExpertLoader:
                         if got is not None:
                             slots[key], wait = got
                             dst = pool.views(slots[key])
+                            self._landed(layer, 1)  # its slot is taken
                 prepared[key] = self._to_device(host, dst, wait)
         except (ParamServerError, RuntimeError, ValueError) as err:
             with self._lock:
@@ -380,7 +381,7 @@ class LazyExpertLoader:
                     pool = self._pool_of(layer)
                     assert pool is not None
                     pool.give(slot_index)
-                self._landed(layer, len(keys))
+                self._landed(layer, len(keys) - len(slots))
                 for _, digest, size in keys.values():
                     self._flights.pop(digest).done.set_exception(
                         ExpertFetchError(str(err))
@@ -413,7 +414,7 @@ class LazyExpertLoader:
                     self._stats.bytes_fetched += size
                 else:
                     self._stats.host_hits += timed
-            self._landed(layer, len(keys))
+            self._landed(layer, len(keys) - len(slots))
             self._stats.fetches += bool(remote)
             if timed:
                 self._latencies.extend([dt] * len(keys))
@@ -426,7 +427,8 @@ class LazyExpertLoader:
         return self.pool
 
     def _landed(self, layer: int, n: int) -> None:
-        """`n` flights bound for `layer`'s pool are over. Needs the lock."""
+        """`n` flights bound for `layer`'s pool took their slot or ended
+        without one. Needs the lock."""
         if self.pools is not None:
             self._flying[layer] = self._flying.get(layer, 0) - n
 
