@@ -383,9 +383,9 @@ class LazyExpertLoader:
                     pool.give(slot_index)
                 self._landed(layer, len(keys) - len(slots))
                 for _, digest, size in keys.values():
-                    self._flights.pop(digest).done.set_exception(
-                        ExpertFetchError(str(err))
-                    )
+                    failed = ExpertFetchError(str(err))
+                    failed.__cause__ = err  # waiters can tell an outage
+                    self._flights.pop(digest).done.set_exception(failed)
                     self._resident -= size
                 self._lock.notify_all()
             names = ", ".join(f"layer {layer} expert {e}" for e, _, _ in keys.values())

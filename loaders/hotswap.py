@@ -36,7 +36,11 @@ from param_server.core.announcements import (
     node_status_key,
     redis_client,
 )
-from param_server.core.errors import InvalidInputError, ParamServerError
+from param_server.core.errors import (
+    InvalidInputError,
+    ParamServerError,
+    UnavailableError,
+)
 
 __all__ = ["ErrorHandler", "HotSwapper", "SwapError"]
 
@@ -60,7 +64,9 @@ class HotSwapper:
         max_backoff: longest wait between retries of a failed update.
         on_error: called (from a background thread) with every error that
             kept a version from being applied or broke the subscription; the
-            swapper keeps going either way. Default: log it.
+            swapper keeps going either way. Default: log it. A server that
+            cannot be reached is not an error: it is logged, counted in
+            `status().outages` and retried.
         on_swap: called (on the thread that applied it, under the gate, so
             keep it short) with (old version, new version) after each swap.
         background_nice: niceness added to the swapper's threads (Linux
@@ -98,6 +104,7 @@ class HotSwapper:
         self._nice = background_nice
         self._errors = 0
         self._last_error: str | None = None
+        self._outages = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._gate = SwapGate(lazy, on_swap)
@@ -201,6 +208,17 @@ class HotSwapper:
         return run
 
     def _report(self, e: BaseException) -> None:
+        if _unreachable(e):
+            # The server is down or restarting: the node serves on from what
+            # it holds and the reconciler retries; nothing needs a person yet.
+            self._outages += 1
+            logger.warning(
+                "%s: parameter server unreachable; serving version %d, retrying (%s)",
+                self.model,
+                self._gate.applied,
+                e,
+            )
+            return
         self._errors += 1
         self._last_error = f"{type(e).__name__}: {e}"
         if self._on_error is not None:
@@ -301,6 +319,20 @@ class HotSwapper:
             hit_rate=cs.hit_rate,
             errors=self._errors,
             last_error=self._last_error,
+            outages=self._outages,
             redis_connected=self._subscriber.redis_up,
             heartbeat_interval=self.heartbeat_interval,
         )
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether `e` comes down to the server being unreachable (after the
+    client's own retries), as opposed to something wrong with a version."""
+    seen: BaseException | None = e
+    for _ in range(8):  # a cause chain is short; never loop on a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, UnavailableError):
+            return True
+        seen = seen.__cause__
+    return False

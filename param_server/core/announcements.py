@@ -223,6 +223,9 @@ class NodeStatus:
     last_error: str | None
     redis_connected: bool
     heartbeat_interval: float
+    outages: int = 0
+    """Checks that failed because the server could not be reached; they are
+    retried with backoff and are not counted in `errors`."""
     updated: float = field(default_factory=time.time)
 
     def to_json(self) -> str:

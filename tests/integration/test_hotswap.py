@@ -323,6 +323,9 @@ def test_server_restart_nodes_serve_from_cache_and_converge(
         wait_until(lambda: sw.status().redis_connected, 10, "the subscription")
         daemon.stop()
         assert logits(lm) == before  # serving goes on from cache
+        sw.reconcile_now()  # finds the server gone: an outage, not an error
+        wait_until(lambda: sw.status().outages >= 1, 10, "an outage")
+        assert sw.status().errors == 0 and sw.status().last_error is None
         # Another writer commits while the daemon is down.
         store = Store(root)
         key = expert_key(1, 2)
