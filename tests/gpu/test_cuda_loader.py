@@ -162,3 +162,60 @@ def test_cuda_hot_swap_matches_a_fresh_load(target: str) -> None:
         sw.stop()
         lm.close()
         fresh.close()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "olmoe", "deepseek_v3"])
+def test_cuda_every_family_equals_the_resident_model(
+    tmp_path: Path, model_type: str
+) -> None:
+    """The other three families of the table (shared experts, a dense first
+    layer, MLA attention), in bf16: every expert in its slot, then a quarter
+    of them (a slot per layer, steps in groups), under each implementation."""
+    from tests.integration.test_lazy import _table_family
+
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt"
+    AutoModelForCausalLM.from_config(
+        _table_family(model_type), dtype=torch.bfloat16
+    ).save_pretrained(path)
+    import_checkpoint(Store(tmp_path / "s"), path, model_type)
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
+    )
+    srv.start()
+    ids = torch.arange(96, device="cuda").remainder(128).view(2, 48)
+    try:
+        with ParamClient(f"127.0.0.1:{port}") as c:
+            sizes = [
+                s.size
+                for k, s in c.get_manifest(model_type).shards.items()
+                if ".experts." in k
+            ]
+            for implementation in ("grouped_mm", "batched_mm", "eager"):
+                ref = (
+                    AutoModelForCausalLM.from_pretrained(
+                        path, dtype="auto", experts_implementation=implementation
+                    )
+                    .to("cuda")
+                    .eval()
+                )
+                for fraction in (1.0, 0.25):
+                    budget = max(max(sizes), int(sum(sizes) * fraction))
+                    lm = load_lazy_model(
+                        c,
+                        model_type,
+                        budget_bytes=budget,
+                        device="cuda",
+                        experts_implementation=implementation,
+                    )
+                    with torch.no_grad():
+                        for prompt in (ids, ids, ids[:1, :1]):
+                            assert torch.equal(
+                                ref(prompt).logits, lm.model(prompt).logits
+                            ), (implementation, fraction)
+                    st = lm.loader.stats()
+                    assert st.peak_resident_bytes <= budget
+                    assert (st.evictions > 0) == (fraction < 1.0)
+                    lm.close()
+    finally:
+        srv.stop(0)
