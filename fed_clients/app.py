@@ -47,6 +47,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from fed_clients.data import TextData, is_text, load_text_splits, tokenizer_from_files
+from fed_clients.lora import LoRAConfig
 from fed_clients.task import TaskError, check_institution, load_split, load_task
 from fed_clients.train import TrainConfig, build_model, evaluate, train_local
 from param_server.federation import protocol, wire
@@ -166,6 +167,18 @@ def _option_int(who: Identity, name: str) -> int | None:
         ) from None
 
 
+def _lora_config(config: ConfigRecord) -> LoRAConfig | None:
+    """The round's adapters, when it runs in LoRA mode."""
+    rank = int(config.get(protocol.LORA_RANK, 0))  # type: ignore[arg-type]
+    if rank <= 0:
+        return None
+    return LoRAConfig(
+        rank=rank,
+        alpha=float(config.get(protocol.LORA_ALPHA, 2 * rank)),  # type: ignore[arg-type]
+        targets=str(config.get(protocol.LORA_TARGETS, "experts")),
+    )
+
+
 def handle_train(msg: Message, who: Identity) -> Message:
     t0 = time.monotonic()
     arrays, received, config = _received(msg)
@@ -181,6 +194,7 @@ def handle_train(msg: Message, who: Identity) -> Message:
         if "train-device" in who.options
         else None,
     )
+    lora = _lora_config(config)
     splits = load_data(who, config)
     result = train_local(
         str(config[protocol.MODEL_CONFIG]),
@@ -188,6 +202,7 @@ def handle_train(msg: Message, who: Identity) -> Message:
         splits["train"],
         cfg,
         held_out=splits["test"],
+        lora=lora,
     )
     dense = config.get(protocol.UPDATE_MODE) == protocol.DENSE
     out = ArrayRecord()
@@ -200,13 +215,21 @@ def handle_train(msg: Message, who: Identity) -> Message:
             out[key] = wire.to_numpy_array(new)[0]
         elif not same:
             out[key] = wire.to_array(new)
+    for key, (a, b) in result.adapters.items():
+        # In the tensor's stored dtype: what the server adds them to.
+        dtype = received[key].dtype
+        out[key + protocol.LORA_A] = wire.to_array(a.to(dtype))
+        out[key + protocol.LORA_B] = wire.to_array(b.to(dtype))
     logger.info(
-        "%s: trained %d steps on %d documents, loss %.4f, %d tensor(s) changed",
+        "%s: trained %d steps on %d documents, loss %.4f, %d tensor(s) changed%s, "
+        "%d bytes to send",
         who.institution,
         cfg.steps,
         result.num_examples,
         result.train_loss,
         changed,
+        f", {len(result.adapters)} adapter(s) of rank {lora.rank}" if lora else "",
+        sum(len(a.data) for a in out.values()),
     )
     metrics = _reply_metrics(
         result.num_examples, result.train_loss, result.expert_tokens

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fed_clients.lora import Adapters, LoRAConfig
 from param_server.core.shards import parse_wire_key
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class TrainResult:
     """Layer -> tokens routed to each expert during training."""
     held_out_loss: float | None = None
     """Loss of the received model on the institution's held-out split."""
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """LoRA mode: wire key -> (A, B) of every adapter that learned something
+    (the tensor's update is `scale * B @ A`); `tensors` then differ from the
+    received ones only where a tensor was trained in full."""
 
 
 def _to_checkpoint_layout(
@@ -156,9 +161,13 @@ def train_local(
     data: torch.Tensor,
     cfg: TrainConfig,
     held_out: torch.Tensor | None = None,
+    lora: LoRAConfig | None = None,
 ) -> TrainResult:
     """Trains the selected parameters for `cfg.steps` steps on `data`; with
-    `held_out`, first measures the received model's loss on it."""
+    `held_out`, first measures the received model's loss on it. With `lora`,
+    the routed experts (and the modules `lora.targets` names) learn through
+    low-rank adapters instead, and parameters `cfg.trainable` selects beyond
+    those are trained in full."""
     torch.manual_seed(cfg.seed)
     device = torch.device(
         cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,11 +180,16 @@ def train_local(
             before = evaluate(model, held_out)
     model.train()
     pattern = re.compile(TRAINABLE_PRESETS.get(cfg.trainable, cfg.trainable))
+    adapters = Adapters(model, received, lora) if lora is not None else None
+    adapted = adapters.base_parameters() if adapters is not None else set()
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad_(bool(pattern.search(name)))
+        p.requires_grad_(bool(pattern.search(name)) and id(p) not in adapted)
         if p.requires_grad:
             params.append(p)
+    full = bool(params)  # tensors trained in full (all of them, without LoRA)
+    if adapters is not None:
+        params.extend(adapters.parameters())
     if not params:
         raise ValueError(
             f"trainable={cfg.trainable!r} selects no parameter of the model"
@@ -210,7 +224,9 @@ def train_local(
         opt.step()
         losses.append(step_loss)
     model.eval()
-    state = checkpoint_state(model, received)
+    # Without tensors trained in full nothing but the adapters changed: skip
+    # writing the model out to read its tensors back.
+    state = checkpoint_state(model, received) if full else dict(received)
     if not all(math.isfinite(x) for x in losses):
         logger.warning("local training diverged (non-finite loss)")
     return TrainResult(
@@ -219,6 +235,7 @@ def train_local(
         train_loss=sum(losses) / len(losses),
         expert_tokens={layer: [int(c) for c in t] for layer, t in tokens.items()},
         held_out_loss=before,
+        adapters=adapters.trained() if adapters is not None else {},
     )
 
 

@@ -81,6 +81,11 @@ class ClientUpdate:
     train_seconds: float | None = None
     held_out_loss: float | None = None
     """The received model's loss on the institution's held-out split."""
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """LoRA mode: wire key -> (A, B), the tensor's update being
+    `scale * B @ A` (viewing the reply's bytes)."""
+    bytes_received: int = 0
+    """Payload bytes of the reply's arrays."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,8 @@ def parse_reply(
     sent_dtypes: Mapping[str, str],
     max_update_norm: float | None = None,
     require_all: bool = False,
+    lora_rank: int = 0,
+    lora_scale: float = 0.0,
 ) -> ClientUpdate:
     """Checks one reply and returns it as a ClientUpdate.
 
@@ -127,6 +134,9 @@ def parse_reply(
         max_update_norm: bound on the L2 norm of (update - current) over
             every tensor sent; None for no bound.
         require_all: dense mode: every tensor must be present.
+        lora_rank: LoRA mode (> 0): a tensor's update may come as adapters
+            `<key>::lora_A` (rank x in) and `<key>::lora_B` (out x rank), in
+            the tensor's dtype; their update is `lora_scale * B @ A`.
 
     Raises:
         UpdateRejectedError: with the reason, for any defect.
@@ -151,7 +161,18 @@ def parse_reply(
         raise UpdateRejectedError(f"expected one ArrayRecord, got {len(records)}")
     rec: ArrayRecord = records[0]
 
-    unknown = [k for k in rec if k not in layout.specs]
+    halves: dict[str, dict[str, str]] = {}  # wire key -> "A"/"B" -> reply key
+    for k in rec:
+        adapter = protocol.adapter_of(k)
+        if adapter is not None and adapter[0] in layout.specs:
+            halves.setdefault(adapter[0], {})[adapter[1]] = k
+    if halves and lora_rank <= 0:
+        raise UpdateRejectedError(
+            f"low-rank adapters sent (for {next(iter(halves))!r}) but this round "
+            "asked for whole tensors"
+        )
+    adapter_keys = {k for pair in halves.values() for k in pair.values()}
+    unknown = [k for k in rec if k not in layout.specs and k not in adapter_keys]
     if unknown:
         shown = ", ".join(repr(k[:80]) for k in unknown[:3])
         raise UpdateRejectedError(
@@ -165,6 +186,8 @@ def parse_reply(
     tensors: dict[str, torch.Tensor] = {}
     sq = 0.0
     for key, arr in rec.items():
+        if key in adapter_keys:
+            continue
         spec = layout.specs[key]
         try:
             t = wire.from_array(arr, key)
@@ -191,6 +214,17 @@ def parse_reply(
                 delta = t.float() - current[key].float()
                 sq += float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
         tensors[key] = t
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, pair in halves.items():
+        a, b = _adapter(key, pair, rec, layout.specs[key], sent_dtypes, lora_rank)
+        if key in tensors:
+            raise UpdateRejectedError(
+                f"tensor {key!r} came both whole and as adapters; send one"
+            )
+        adapters[key] = (a, b)
+        if max_update_norm is not None:
+            delta = lora_scale * (b.double() @ a.double())
+            sq += float(torch.linalg.vector_norm(delta) ** 2)
     norm = math.sqrt(sq)
     if max_update_norm is not None and norm > max_update_norm:
         raise UpdateRejectedError(
@@ -222,7 +256,59 @@ def parse_reply(
         update_norm=norm,
         train_seconds=_number(metrics.get(protocol.TRAIN_SECONDS)),
         held_out_loss=_loss(metrics.get(protocol.HELD_OUT_LOSS)),
+        adapters=adapters,
+        bytes_received=sum(len(a.data) for a in rec.values()),
     )
+
+
+def _adapter(
+    key: str,
+    pair: Mapping[str, str],
+    rec: ArrayRecord,
+    spec: WireTensor,
+    sent_dtypes: Mapping[str, str],
+    rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (A, B) of `key`'s update, checked against the tensor and the rank."""
+    missing = [h for h in ("A", "B") if h not in pair]
+    if missing:
+        raise UpdateRejectedError(
+            f"tensor {key!r}: lora_{missing[0]} missing (an update needs both "
+            "halves of the adapter)"
+        )
+    if len(spec.shape) < 2 or math.prod(spec.shape[:-2]) != 1:
+        raise UpdateRejectedError(
+            f"tensor {key!r} of shape {list(spec.shape)} cannot take a "
+            "low-rank update (not a matrix)"
+        )
+    rows, cols = spec.shape[-2], spec.shape[-1]
+    want_shape = {"A": (rank, cols), "B": (rows, rank)}
+    out = {}
+    for half, reply_key in pair.items():
+        arr = rec[reply_key]
+        try:
+            t = wire.from_array(arr, reply_key)
+        except InvalidInputError as e:
+            raise UpdateRejectedError(str(e)) from e
+        want = sent_dtypes.get(key, spec.dtype)
+        got = wire.dtype_name(arr)
+        if got != want:
+            raise UpdateRejectedError(
+                f"{reply_key!r}: dtype {got} but the tensor's is {want}"
+            )
+        if tuple(t.shape) != want_shape[half]:
+            raise UpdateRejectedError(
+                f"{reply_key!r}: shape {list(t.shape)}, expected "
+                f"{list(want_shape[half])} (rank {rank}, tensor "
+                f"{[rows, cols]})"
+            )
+        if not all_finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UpdateRejectedError(
+                f"{reply_key!r}: {bad} NaN/Inf value(s) of {t.numel()}"
+            )
+        out[half] = t
+    return out["A"], out["B"]
 
 
 def _loss(v: object) -> float | None:
@@ -265,9 +351,21 @@ def contribution_order(update: ClientUpdate) -> tuple[str, int]:
 
 
 def sparse_average(
-    updates: Sequence[ClientUpdate], layout: Layout
+    updates: Sequence[ClientUpdate],
+    layout: Layout,
+    current: Mapping[str, torch.Tensor] | None = None,
+    lora_scale: float = 0.0,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(wire key, averaged tensor) for every tensor at least one client sent.
+
+    A tensor some client updated through adapters (LoRA mode) becomes its
+    `current` value plus the weighted mean of the clients' updates, each
+    `lora_scale * B @ A` (or, from a client that sent the tensor whole, its
+    values minus `current`): every client's result `current + update` is
+    formed in float64, averaged with the weights below and rounded once, to
+    the stored dtype, as for whole tensors. Averaging the A and the B
+    matrices separately instead would be biased: the mean of products is
+    not the product of means.
 
     One tensor at a time: the weighted sum is accumulated in float64 over the
     contributions in `contribution_order` (so the result never depends on the
@@ -288,17 +386,29 @@ def sparse_average(
     ones rounded through float32 (within one ulp).
     """
     ordered = sorted(updates, key=contribution_order)
-    keys = sorted({k for u in ordered for k in u.tensors})
+    keys = sorted({k for u in ordered for k in (*u.tensors, *u.adapters)})
     work = _Workspace()
     for key in keys:
         spec = layout.specs[key]
-        senders = [u for u in ordered if key in u.tensors]
+        senders = [u for u in ordered if key in u.tensors or key in u.adapters]
         by_tokens = spec.expert is not None and all(
             spec.expert in u.expert_tokens for u in senders
         )
         weights = [weight_of(u, spec, by_tokens) for u in senders]
         if by_tokens and sum(weights) <= 0:
             weights = [float(u.num_examples) for u in senders]
+        if any(key in u.adapters for u in senders):
+            if current is None:
+                raise InvalidInputError(
+                    f"tensor {key!r} came as adapters: averaging it needs the "
+                    "current values"
+                )
+            base = current[key]
+            flats = [_result_of(u, key, base, lora_scale) for u in senders]
+            out = torch.empty_like(base)
+            work.average(flats, weights, out.view(-1))
+            yield key, out
+            continue
         first = senders[0].tensors[key]
         if len(senders) == 1:
             yield key, first.clone()
@@ -312,6 +422,18 @@ def sparse_average(
             [u.tensors[key].reshape(-1) for u in senders], weights, out.view(-1)
         )
         yield key, out
+
+
+def _result_of(
+    update: ClientUpdate, key: str, base: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The client's value of tensor `key`, flat, in float64: `base` plus its
+    low-rank update, or the tensor it sent whole."""
+    if key in update.tensors:
+        return update.tensors[key].reshape(-1).double()
+    a, b = update.adapters[key]
+    low = torch.mm(b.double(), a.double()).mul_(scale)
+    return low.reshape(-1).add_(base.reshape(-1).double())
 
 
 _CHUNK = 1 << 18  # elements averaged at a time (2 MiB of float64)

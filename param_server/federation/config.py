@@ -50,6 +50,14 @@ class FederationConfig:
     """> 0 turns on client-side fixed-clipping DP (dense strategies only)."""
     dp_noise_multiplier: float = 0.0
     seed: int = 0
+    lora_rank: int = 0
+    """> 0: institutions train low-rank adapters of this rank (LoRA) and send
+    only those; the server adds each tensor's weighted mean update
+    (alpha / rank) * B @ A to the stored weights. 0: whole tensors."""
+    lora_alpha: float = 16.0
+    lora_targets: str = "experts"
+    """LoRA mode: experts, experts+attention, or a regex over the names of
+    further nn.Linear modules to adapt."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -70,6 +78,14 @@ class FederationConfig:
                 "differential privacy (dp-clipping-norm > 0) needs dense updates: "
                 "Flower's clipping compares every tensor; use strategy='fedavg' or "
                 "another dense strategy"
+            )
+        if self.lora_rank < 0 or not self.lora_alpha > 0:
+            raise InvalidInputError("lora-rank must be >= 0 and lora-alpha > 0")
+        if self.lora_rank and not self.sparse:
+            raise InvalidInputError(
+                f"LoRA updates (lora-rank {self.lora_rank}) are aggregated by "
+                f"{SPARSE_FEDAVG} only; set strategy='{SPARSE_FEDAVG}' or "
+                "lora-rank=0"
             )
 
     @classmethod
@@ -101,6 +117,10 @@ class FederationConfig:
     @property
     def sparse(self) -> bool:
         return self.strategy == SPARSE_FEDAVG
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
 
 def _typed(key: str, kind: Any, value: Any) -> Any:

@@ -41,6 +41,14 @@ LEARNING_RATE = "lr"
 TRAINABLE = "trainable"
 SEED = "seed"
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx key
+LORA_RANK = "lora-rank"
+"""> 0: LoRA mode. Institutions train low-rank adapters and reply with them
+(`LORA_A`/`LORA_B` keys) instead of whole tensors."""
+LORA_ALPHA = "lora-alpha"
+"""The adapters' scale is alpha / rank: a tensor's update is that times B @ A."""
+LORA_TARGETS = "lora-targets"
+"""`experts` or `experts+attention` (or a regex over `nn.Linear` module names,
+beyond the routed experts)."""
 
 # Reply metrics (client -> server).
 NUM_EXAMPLES = "num-examples"
@@ -58,3 +66,17 @@ INSTITUTION = "institution"
 
 SPARSE = "sparse"
 DENSE = "dense"
+LORA = "lora"
+
+# Reply keys of LoRA mode: `<wire key>::lora_A` (rank x in) and
+# `<wire key>::lora_B` (out x rank), in the tensor's stored dtype.
+LORA_A = "::lora_A"
+LORA_B = "::lora_B"
+
+
+def adapter_of(key: str) -> tuple[str, str] | None:
+    """(wire key, "A" or "B") of an adapter reply key, else None."""
+    for suffix, half in ((LORA_A, "A"), (LORA_B, "B")):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], half
+    return None

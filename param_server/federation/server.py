@@ -234,6 +234,15 @@ class Federation:
                 protocol.LEARNING_RATE: c.lr,
                 protocol.TRAINABLE: c.trainable,
                 protocol.SEED: c.seed * 1_000_003 + rnd,
+                **(
+                    {
+                        protocol.LORA_RANK: c.lora_rank,
+                        protocol.LORA_ALPHA: c.lora_alpha,
+                        protocol.LORA_TARGETS: c.lora_targets,
+                    }
+                    if c.lora_rank
+                    else {}
+                ),
                 **{
                     protocol.TOKENIZER_PREFIX + n: b
                     for n, b in self.state.tokenizer.items()
@@ -293,6 +302,8 @@ class Federation:
                     sent_dtypes=st.sent_dtypes,
                     max_update_norm=c.max_update_norm or None,
                     require_all=not c.sparse,
+                    lora_rank=c.lora_rank,
+                    lora_scale=c.lora_scale,
                 )
                 u.institution = name
             except UpdateRejectedError as e:
@@ -324,6 +335,8 @@ class Federation:
                     "node_id": u.node_id,
                     "num_examples": u.num_examples,
                     "tensors": len(u.tensors),
+                    **({"adapters": len(u.adapters)} if c.lora_rank else {}),
+                    "bytes_received": u.bytes_received,
                     "update_norm": round(u.update_norm, 6),
                     "train_seconds": u.train_seconds,
                 }
@@ -438,7 +451,13 @@ class Federation:
             "run_id": self.run_id,
             "round": rnd,
             "strategy": self.settings,
-            "update_mode": protocol.SPARSE if c.sparse else protocol.DENSE,
+            "update_mode": (
+                protocol.LORA
+                if c.lora_rank
+                else protocol.SPARSE
+                if c.sparse
+                else protocol.DENSE
+            ),
             "base_version": st.manifest.version,
             "contributors": result.contributors,
             "rejected": result.rejected,
@@ -463,6 +482,12 @@ class Federation:
                 if d != st.layout.specs[k].dtype
             }
         )
+        if c.lora_rank:
+            fed["lora"] = {
+                "rank": c.lora_rank,
+                "alpha": c.lora_alpha,
+                "targets": c.lora_targets,
+            }
         if wide:
             fed["wire_dtype"] = f"{'/'.join(wide)} sent as F32, rounded back on commit"
         if result.train_loss is not None and math.isfinite(result.train_loss):

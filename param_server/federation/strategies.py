@@ -49,9 +49,19 @@ class SparseFedAvg(FedAvg):
     `aggregate_train` (Flower's entry point) parses replies itself.
     """
 
-    def __init__(self, *, weight_by_tokens: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        weight_by_tokens: bool = True,
+        lora_rank: int = 0,
+        lora_scale: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.weight_by_tokens = weight_by_tokens
+        self.lora_rank = lora_rank
+        """> 0: replies may carry low-rank adapters of this rank."""
+        self.lora_scale = lora_scale
         self._layout: Layout | None = None
         self._current: ArrayRecord | None = None
         self._current_tensors: dict[str, torch.Tensor] = {}
@@ -89,9 +99,10 @@ class SparseFedAvg(FedAvg):
         if not self.weight_by_tokens:
             for u in updates:
                 u.expert_tokens = {}
-        arrays, self.last_changed = merge_into_record(
-            self._current, sparse_average(updates, self._layout)
+        averaged = sparse_average(
+            updates, self._layout, self._current_tensors, self.lora_scale
         )
+        arrays, self.last_changed = merge_into_record(self._current, averaged)
         metrics = MetricRecord(
             {protocol.NUM_EXAMPLES: sum(u.num_examples for u in updates)}
         )
@@ -124,6 +135,8 @@ class SparseFedAvg(FedAvg):
                         layout,
                         self._current_tensors,
                         sent_dtypes={k: s.dtype for k, s in layout.specs.items()},
+                        lora_rank=self.lora_rank,
+                        lora_scale=self.lora_scale,
                     )
                 )
             except UpdateRejectedError as e:
@@ -169,7 +182,12 @@ def build_strategy(config: FederationConfig) -> tuple[Strategy, dict[str, Any]]:
     }
     strategy: Strategy
     if c.strategy == SPARSE_FEDAVG:
-        strategy = SparseFedAvg(weight_by_tokens=c.weight_by_tokens, **common)
+        strategy = SparseFedAvg(
+            weight_by_tokens=c.weight_by_tokens,
+            lora_rank=c.lora_rank,
+            lora_scale=c.lora_scale,
+            **common,
+        )
         settings["weight_by_tokens"] = c.weight_by_tokens
     elif c.strategy == "fedavg":
         strategy = FedAvg(**common)
