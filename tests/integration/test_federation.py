@@ -558,3 +558,83 @@ def test_institutions_train_on_their_own_text_with_the_models_tokenizer(
         assert "body" in rejected["reason"]
     finally:
         srv.stop(0).wait()  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(600)
+def test_a_lora_round_through_the_deployment_engine_on_json_lines(
+    tmp_path: Path,
+) -> None:
+    """Three SuperNodes, each an institution with a JSON Lines file of its own
+    kind, train rank-4 adapters on a bf16 model: the round commits only the
+    experts the adapters changed, still bf16, every other tensor bit for bit;
+    its provenance names the institutions, the mode, the rank and the bytes
+    each sent (a fraction of the experts they touched); a live node swaps it in."""
+    import json
+
+    from tests.unit.test_text_data import _docs, _tokenizer_files
+
+    task = make_task(tmp_path / "task", ("a",), train_docs=8, test_docs=4)
+    ckpt = write_initial_checkpoint(
+        task, tmp_path / "ckpt", dtype="bfloat16", hidden=32
+    )
+    for name, data in _tokenizer_files(tmp_path).items():
+        (ckpt / name).write_bytes(data)
+    store_path = tmp_path / "store"
+    import_checkpoint(Store(store_path), ckpt, MODEL)
+    files = {}
+    for i, name in enumerate(FOUR[:3]):
+        docs = [d if i == 0 else " ".join(d.split()[:: 1 + i]) for d in _docs(40)]
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    daemon = spawn_daemon(store_path)
+    client = ParamClient(daemon.target, same_host=False, retries=1)
+    swapper = None
+    try:
+        lazy = load_lazy_model(client, MODEL, budget_bytes=10**9)
+        swapper = HotSwapper(lazy, reconcile_interval=600).start()
+        wait_until(lambda: swapper.status().redis_connected, 15, "the subscription")
+        before = client.get_manifest(MODEL)
+        app = write_app(
+            tmp_path / "app",
+            {
+                "model": MODEL,
+                "param-server": daemon.target,
+                "num-rounds": 1,
+                "min-clients": 3,
+                "min-available": 3,
+                "local-steps": 3,
+                "batch-size": 4,
+                "round-timeout": 120.0,
+                "lora-rank": 4,
+                "lora-alpha": 8.0,
+            },
+        )
+        with LocalDeployment(tmp_path / "flower", {}) as flower:
+            for name, path in files.items():
+                flower.add_supernode(name, str(path), node_config={"seq-len": "16"})
+            run = flower.wait_for_run(flower.submit(app), timeout=400)
+            assert run["status"] == "finished:completed"
+        after = client.get_manifest(MODEL)
+        assert after.version == before.version + 1
+        fed = after.metadata["federation"]
+        assert fed["update_mode"] == "lora"
+        assert fed["lora"] == {"rank": 4, "alpha": 8.0, "targets": "experts"}
+        assert sorted(c["institution"] for c in fed["contributors"]) == list(FOUR[:3])
+        changed = [
+            k for k in after.shards if after.shards[k].digest != before.shards[k].digest
+        ]
+        assert changed and all(".experts." in k for k in changed)
+        expert_bytes = after.shards[changed[0]].size
+        for c in fed["contributors"]:
+            assert c["adapters"] > 0 and c["bytes_received"] > 0
+            # Rank 4 of 32 x 64 tensors: far less than the experts themselves.
+            assert c["bytes_received"] < c["adapters"] / 3 * expert_bytes / 2
+        for shard in changed:
+            new = client.fetch_shards(MODEL, [shard])[shard]
+            assert all(t.dtype == torch.bfloat16 for t in new.values())
+        assert swapper.wait_for_version(after.version, 30)
+    finally:
+        if swapper is not None:
+            swapper.stop()
+        client.close()
+        daemon.stop()
