@@ -51,6 +51,9 @@ class Task:
     test_docs: int
     own_share: float
     seed: int
+    data_files: dict[str, str] | None = None
+    """Institution -> its own text file, relative to `root` (a task of real
+    text; then `vocab_size` is the tokenizer's), instead of generated ids."""
 
     def data_path(self, institution: str) -> Path:
         if institution not in self.institutions:
@@ -58,7 +61,13 @@ class Task:
                 f"institution {institution!r} is not in the task at {self.root} "
                 f"(have: {', '.join(self.institutions)})"
             )
+        if self.data_files is not None:
+            return Path(self.root) / self.data_files[institution]
         return Path(self.root) / institution / "data.safetensors"
+
+    def save(self) -> None:
+        """Writes `task.json` (what `load_task` reads)."""
+        (Path(self.root) / "task.json").write_text(json.dumps(asdict(self), indent=1))
 
 
 def check_institution(name: str) -> str:
@@ -150,7 +159,7 @@ def make_task(
         own_share,
         seed,
     )
-    (root / "task.json").write_text(json.dumps(asdict(task), indent=1))
+    task.save()
     logger.info("wrote a %d-institution task to %s", len(institutions), root)
     return task
 

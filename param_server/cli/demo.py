@@ -29,6 +29,12 @@ from param_server.cli.main import main
     show_default=True,
     help="Federated rounds at the end (0 skips the federation part).",
 )
+@click.option(
+    "--lora-rank",
+    default=8,
+    show_default=True,
+    help="Rank of the adapters institutions train and send (0: whole tensors).",
+)
 @engine_option("simulation")
 @click.pass_context
 @handle_errors
@@ -39,6 +45,7 @@ def demo(
     experts: int,
     hidden: int,
     rounds: int,
+    lora_rank: int,
     engine: str,
 ) -> None:
     """The whole loop on this machine: daemon, import, lazy fetches, live hot
@@ -55,5 +62,6 @@ def demo(
         hidden=hidden,
         rounds=rounds,
         engine=engine,
+        lora_rank=lora_rank,
         verbose=bool((ctx.obj or {}).get("verbose")),
     )

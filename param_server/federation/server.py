@@ -335,7 +335,14 @@ class Federation:
                     "node_id": u.node_id,
                     "num_examples": u.num_examples,
                     "tensors": len(u.tensors),
-                    **({"adapters": len(u.adapters)} if c.lora_rank else {}),
+                    **(
+                        {
+                            "adapters": len(u.adapters),
+                            "adapted_bytes": _adapted_bytes(u, st.tensors),
+                        }
+                        if c.lora_rank
+                        else {}
+                    ),
                     "bytes_received": u.bytes_received,
                     "update_norm": round(u.update_norm, 6),
                     "train_seconds": u.train_seconds,
@@ -539,6 +546,12 @@ class Federation:
             rnd,
             st.tokenizer,
         )
+
+
+def _adapted_bytes(update: ClientUpdate, tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the stored tensors an update's adapters stand for: what the
+    institution would have sent without LoRA."""
+    return sum(tensors[k].numel() * tensors[k].element_size() for k in update.adapters)
 
 
 def _held_out(loss: float | None) -> dict[str, float]:

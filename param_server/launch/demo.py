@@ -33,6 +33,7 @@ def run_demo(
     hidden: int,
     rounds: int = 3,
     engine: str = "simulation",
+    lora_rank: int = 8,
     verbose: bool = False,
 ) -> None:
     """Builds a tiny Mixtral, serves it, fetches experts, commits and exports;
@@ -137,7 +138,13 @@ def run_demo(
             if rounds > 0:
                 with ParamClient(daemon.target) as client:
                     fed_ok = _federated_rounds(
-                        client, store, work, say, rounds=rounds, engine=engine
+                        client,
+                        store,
+                        work,
+                        say,
+                        rounds=rounds,
+                        engine=engine,
+                        lora_rank=lora_rank,
                     )
         finally:
             code = daemon.stop()
@@ -242,26 +249,59 @@ def _federated_rounds(
     *,
     rounds: int,
     engine: str,
+    lora_rank: int = 8,
 ) -> bool:
-    """Three institutions train a MoE together; two live nodes serve each round."""
-    from fed_clients.task import load_split, make_task, write_initial_checkpoint
+    """Three institutions fine-tune a MoE on their own text; two live nodes
+    serve each round."""
+    from fed_clients.data import TextData, load_text_splits, tokenizer_from_files
+    from fed_clients.task import DEFAULT_INSTITUTIONS, Task, write_initial_checkpoint
     from fed_clients.train import evaluate
     from loaders.hotswap import HotSwapper
     from loaders.models import LazyModel, load_lazy_model
     from param_server.federation.config import FederationConfig
+    from param_server.launch.demo_text import (
+        write_institution_text,
+        write_word_tokenizer,
+    )
 
-    task = make_task(work / "fed-task")
-    ckpt = write_initial_checkpoint(task, work / "fed-ckpt")
+    text_dir = work / "fed-text"
+    texts = write_institution_text(text_dir, DEFAULT_INSTITUTIONS)
+    ckpt = work / "fed-ckpt"
+    words = write_word_tokenizer([p for p, _ in texts.values()], ckpt)
+    lines = sum(1 for _ in texts[DEFAULT_INSTITUTIONS[0]][0].open())
+    task = Task(
+        str(text_dir),
+        DEFAULT_INSTITUTIONS,
+        vocab_size=-(-words // 64) * 64,
+        seq_len=128,
+        domains=len(texts),
+        train_docs=lines,
+        test_docs=0,
+        own_share=1.0,
+        seed=0,
+        data_files={n: p.name for n, (p, _) in texts.items()},
+    )
+    task.save()
+    write_initial_checkpoint(task, ckpt)  # beside the tokenizer's files
     r = import_checkpoint(Store(store), ckpt, FED_MODEL, message="initial weights")
     base = r.manifest.version
     say(
-        f"10. generated a non-IID task: {len(task.institutions)} institutions "
-        f"({', '.join(task.institutions)}), {task.domains} text domains, "
-        f"{task.train_docs} training + {task.test_docs} held-out documents each; "
-        f"imported a fresh tiny MoE as {FED_MODEL}@{base}"
+        "10. each institution's own text, as JSON Lines of its own kind "
+        "(non-IID): "
+        + ", ".join(f"{n} {what} ({lines} lines)" for n, (_, what) in texts.items())
+        + f"; a word-level tokenizer ({words} words) and a fresh tiny MoE for it, "
+        f"imported with the tokenizer as {FED_MODEL}@{base}"
     )
+    tokenizer = tokenizer_from_files(
+        {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    )
+    # The union of the institutions' held-out splits: the same documents
+    # each institution holds out (the same defaults, the same seed).
     held_out = torch.cat(
-        [load_split(task.data_path(n), "test") for n in task.institutions]
+        [
+            load_text_splits(TextData(path), tokenizer, task.seq_len)["test"]
+            for path, _ in texts.values()
+        ]
     )
     expert_bytes = sum(s.size for k, s in r.manifest.shards.items() if is_expert_key(k))
     nodes: list[tuple[str, LazyModel, HotSwapper]] = []
@@ -279,7 +319,7 @@ def _federated_rounds(
         say(
             f"11. {len(nodes)} live inference nodes serve {FED_MODEL}@{base} with "
             f"lazy experts (half the expert bytes as budget); held-out loss of the "
-            f"served model: {loss0:.3f}"
+            f"served model on the institutions' held-out text: {loss0:.3f}"
         )
         seen: set[int] = set()
         ok = True
@@ -291,8 +331,25 @@ def _federated_rounds(
             seen.add(version)
             m = client.get_manifest(FED_MODEL, version)
             fed = m.metadata.get("federation", {})
-            names = ", ".join(
-                f"{c['institution']} ({c['num_examples']} docs)"
+            names = "; ".join(
+                f"{c['institution']}: {c['num_examples']} sequences, "
+                + (
+                    f"{c['adapters']} adapters, "
+                    if "adapters" in c
+                    else f"{c['tensors']} tensors, "
+                )
+                + f"{c['bytes_received'] / 1024:.1f} KiB sent"
+                + (
+                    f" ({c['bytes_received'] / c['adapted_bytes']:.0%} of the "
+                    "tensors adapted)"
+                    if c.get("adapted_bytes")
+                    else ""
+                )
+                + (
+                    f", held-out loss {c['held_out_loss']:.3f} before"
+                    if "held_out_loss" in c
+                    else ""
+                )
                 for c in fed.get("contributors", [])
             )
             rejected = len(fed.get("rejected", []))
@@ -321,13 +378,22 @@ def _federated_rounds(
             min_clients=len(task.institutions),
             min_available=len(task.institutions),
             local_steps=20,
-            trainable="all",
+            trainable="experts" if lora_rank else "all",
             lr=1e-2,
             round_timeout=300,
+            lora_rank=lora_rank,
+            lora_alpha=2.0 * lora_rank,
+            lora_targets="experts+attention",
+        )
+        how = (
+            f"rank-{lora_rank} adapters on experts and attention"
+            if lora_rank
+            else "whole tensors"
         )
         say(
             f"12. {rounds} federated rounds through Flower's {engine} engine, "
-            f"strategy {config.strategy} (each round becomes a version):"
+            f"strategy {config.strategy}, institutions send {how} (each round "
+            "becomes a version):"
         )
         t0 = time.perf_counter()
         if engine == "simulation":

@@ -286,6 +286,11 @@ def test_demo_runs_end_to_end() -> None:
     # (the demo exits non-zero otherwise).
     assert "3 rounds committed" in p.stdout
     assert p.stdout.count("node-2 serves @") == 3
+    # Institutions' own text in LoRA mode: adapters, their bytes and each
+    # institution's held-out loss in every round.
+    assert "as JSON Lines" in p.stdout and "rank-8 adapters" in p.stdout
+    assert p.stdout.count("KiB sent (") == 9
+    assert p.stdout.count("held-out loss") >= 9 + 3
 
 
 def test_fed_data_and_fed_app_write_a_task_and_a_flower_app(tmp_path: Path) -> None:
