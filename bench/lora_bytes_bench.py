@@ -1,0 +1,123 @@
+"""Bytes an institution sends per round: LoRA adapters against whole experts.
+
+    python bench/lora_bytes_bench.py                 # Qwen3-MoE expert sizes, 1 layer
+    python bench/lora_bytes_bench.py --layers 2 --ranks 8,16,32
+
+Builds a Qwen3-MoE-shaped model with realistic expert dimensions (hidden
+2048, moe_intermediate_size 768, 128 experts, top-8; few layers so it fits
+in a CPU's memory), bf16 as stored, and runs one institution's real local
+training (`fed_clients.train.train_local`, one step on random token
+sequences) in each mode: whole experts (sparse mode: every expert tensor
+the step changed, in bf16) and LoRA at each rank (adapters of the experts
+the step reached, in bf16). The bytes are those of the reply's arrays, as
+the institution's ClientApp builds them. Also the local step's wall time on
+this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fed_clients.lora import LoRAConfig
+from fed_clients.train import TrainConfig, train_local
+from param_server.federation import wire
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--ranks", default="8,16")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    args = ap.parse_args()
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter * 4,
+        moe_intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=512,
+        router_aux_loss_coef=0.0,
+    )
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="lora-bytes-") as tmp:
+        model = Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+        model.save_pretrained(tmp)
+        del model
+        received: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            received.update(load_file(f))
+        config_json = (Path(tmp) / "config.json").read_text()
+    expert_keys = [k for k in received if ".experts." in k]
+    per_expert = sum(
+        received[k].numel() * received[k].element_size() for k in expert_keys
+    ) // (args.experts * args.layers)
+    data = torch.randint(0, args.vocab, (args.batch * 2, args.seq_len))
+    train = TrainConfig(steps=1, batch_size=args.batch, lr=1e-3, seed=1, device="cpu")
+    print(
+        f"Qwen3-MoE shape: {args.layers} layer(s) x {args.experts} experts "
+        f"(top-{args.top_k}), hidden {args.hidden}, moe_intermediate {args.inter}, "
+        f"bf16: {per_expert / 2**20:.2f} MiB per expert; one local step on "
+        f"{args.batch} x {args.seq_len} tokens; {platform.node()}, torch "
+        f"{torch.__version__}",
+        flush=True,
+    )
+    rows = []
+    t = time.perf_counter()
+    full = train_local(config_json, received, data, train)
+    full_s = time.perf_counter() - t
+    sent = [k for k in received if not torch.equal(full.tensors[k], received[k])]
+    full_bytes = sum(len(wire.to_array(full.tensors[k]).data) for k in sent)
+    touched = sum(1 for k in sent if ".experts." in k) // 3
+    rows.append(("whole experts (sparse)", touched, full_bytes, full_s))
+    del full
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        t = time.perf_counter()
+        out = train_local(
+            config_json,
+            received,
+            data,
+            train,
+            lora=LoRAConfig(rank=rank, alpha=2.0 * rank),
+        )
+        dt = time.perf_counter() - t
+        nbytes = sum(
+            len(wire.to_array(x.to(received[k].dtype)).data)
+            for k, (a, b) in out.adapters.items()
+            for x in (a, b)
+        )
+        rows.append((f"LoRA rank {rank}", len(out.adapters) // 3, nbytes, dt))
+    print("| update | experts sent | bytes sent | ÷ whole experts | local step s |")
+    print("|---|---|---|---|---|")
+    for name, n, nbytes, dt in rows:
+        print(
+            f"| {name} | {n} | {nbytes / 2**20:.2f} MiB | "
+            f"{nbytes / full_bytes:.2%} | {dt:.1f} |"
+        )
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
