@@ -11,7 +11,8 @@ folder of .txt files; see `fed_clients.data` for `text-field`, `eval-path`,
 the model, or a generated task's `data.safetensors`. `micro-batch-size`
 makes a step accumulate gradients over smaller forward passes (a small GPU
 or a CPU reaching the configured batch); `train-device` picks where to train
-(default: CUDA when there is one).
+(default: CUDA when there is one) and `train-precision` how (`auto`: bf16
+mixed precision on CUDA for a bf16 model, else fp32; `fp32`; `bf16`).
 
 Under the simulation engine (no such node config) the `partition-id` Flower
 assigns picks the institution of a generated task folder (`data-root`).
@@ -193,6 +194,7 @@ def handle_train(msg: Message, who: Identity) -> Message:
         device=str(who.options["train-device"])
         if "train-device" in who.options
         else None,
+        precision=str(who.options.get("train-precision", "auto")),
     )
     lora = _lora_config(config)
     splits = load_data(who, config)

@@ -49,6 +49,9 @@ class TrainConfig:
     a CPU sets to reach the configured batch."""
     device: str | None = None
     """Where to train; None: CUDA when there is one, else the CPU."""
+    precision: str = "auto"
+    """`fp32`; `bf16` (bf16 autocast over fp32 weights: mixed precision);
+    `auto`: bf16 on CUDA when the model is stored in bf16, else fp32."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -56,6 +59,10 @@ class TrainConfig:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(
                 f"micro-batch size must be >= 1, got {self.micro_batch_size}"
+            )
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(
+                f"precision must be auto, fp32 or bf16, got {self.precision!r}"
             )
         try:
             re.compile(TRAINABLE_PRESETS.get(self.trainable, self.trainable))
@@ -173,6 +180,10 @@ def train_local(
         cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     )
     model = build_model(config_json, received).to(device)
+    stored = {t.dtype for t in received.values() if t.is_floating_point()}
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and stored == {torch.bfloat16}
+    )
     held_out = held_out.to(device) if held_out is not None else None
     before = None
     if held_out is not None and len(held_out):
@@ -206,7 +217,8 @@ def train_local(
         step_loss = 0.0
         for n, part in enumerate(torch.split(idx, micro)):
             ids = data[part].to(device)
-            out = model(input_ids=ids, labels=ids, output_router_logits=k > 0)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(input_ids=ids, labels=ids, output_router_logits=k > 0)
             # Sequences are packed to one length: the batch's mean loss is
             # the micro-batches' means weighted by their sizes.
             loss = out.loss * (len(part) / len(idx))

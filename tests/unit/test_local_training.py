@@ -52,3 +52,41 @@ def test_training_runs_on_cuda_and_returns_cpu_tensors(tmp_path: Path) -> None:
     out = train_local(config, received, data, TrainConfig(steps=2, batch_size=4))
     assert all(t.device.type == "cpu" for t in out.tensors.values())
     assert any(not torch.equal(out.tensors[k], received[k]) for k in received)
+
+
+def test_bf16_mixed_precision_trains_and_auto_is_fp32_on_the_cpu(
+    tmp_path: Path,
+) -> None:
+    config, received, data = _start(tmp_path)
+    base = {"steps": 2, "batch_size": 4, "lr": 1e-3, "seed": 2, "device": "cpu"}
+    fp32 = train_local(config, received, data, TrainConfig(**base, precision="fp32"))
+    auto = train_local(config, received, data, TrainConfig(**base))
+    assert all(torch.equal(auto.tensors[k], fp32.tensors[k]) for k in received)
+    bf16 = train_local(config, received, data, TrainConfig(**base, precision="bf16"))
+    assert bf16.train_loss == pytest.approx(fp32.train_loss, rel=0.05)
+    changed = [k for k in received if not torch.equal(bf16.tensors[k], fp32.tensors[k])]
+    assert changed  # bf16 matmuls: another result, the weights still fp32
+    assert all(bf16.tensors[k].dtype == received[k].dtype for k in received)
+    with pytest.raises(ValueError, match="precision must be"):
+        TrainConfig(precision="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_bf16_model_trains_in_mixed_precision_on_cuda(tmp_path: Path) -> None:
+    config, received, data = _start(tmp_path)
+    received = {k: t.to(torch.bfloat16) for k, t in received.items()}
+    cfg = TrainConfig(steps=2, batch_size=4, seed=2)
+    auto = train_local(config, received, data, cfg)
+    fp32 = train_local(
+        config,
+        received,
+        data,
+        TrainConfig(
+            **{
+                **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+                "precision": "fp32",
+            }
+        ),
+    )
+    assert all(t.dtype == torch.bfloat16 for t in auto.tensors.values())
+    assert any(not torch.equal(auto.tensors[k], fp32.tensors[k]) for k in received)
