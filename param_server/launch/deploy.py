@@ -93,7 +93,7 @@ def _bin(name: str) -> str:
     if found is None:
         raise FlowerRunError(
             f"{name} not found; install Flower with `pip install 'flwr[simulation]"
-            ">=1.41,<1.42'` (it comes with this package)"
+            ">=1.42,<1.43'` (it comes with this package)"
         )
     return found
 
