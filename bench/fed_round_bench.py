@@ -9,12 +9,19 @@ slowest institution's own handler time (build the model, train, pack the
 update), and the server's validation + aggregation time.
 
     python bench/fed_round_bench.py                 # 3 institutions, 4 rounds
+    python bench/fed_round_bench.py --lora-rank 8   # institutions send adapters
+
+Also the ClientApp's start-up on its own: a fresh interpreter importing
+`fed_clients.app` (and, for comparison, torch, transformers and Flower's
+ClientApp alone), as `flwr-clientapp` does for every message.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,12 +35,29 @@ from param_server.store import Store
 from param_server.store.checkpoints import import_checkpoint
 
 
+def import_seconds(module: str, repeat: int = 3) -> float:
+    """Median wall time of a fresh interpreter importing `module`."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--institutions", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--lora-rank", type=int, default=0, help="> 0: LoRA mode (adapters only)"
+    )
     a = p.parse_args()
+    startup = {
+        m: import_seconds(m)
+        for m in ("torch", "transformers", "flwr.clientapp", "fed_clients.app")
+    }
     names = tuple(f"inst-{chr(97 + i)}" for i in range(a.institutions))
     with tempfile.TemporaryDirectory(prefix="fed-round-") as tmp:
         work = Path(tmp)
@@ -55,7 +79,9 @@ def main() -> None:
                 "min-clients": a.institutions,
                 "min-available": a.institutions,
                 "local-steps": a.steps,
-                "trainable": "all",
+                "trainable": "experts" if a.lora_rank else "all",
+                "lora-rank": a.lora_rank,
+                "lora-targets": "experts+attention",
             },
         )
         try:
@@ -75,9 +101,14 @@ def main() -> None:
         finally:
             srv.stop(0)
     print(
-        f"\n{a.institutions} institutions, {a.rounds} rounds, {a.steps} local steps "
-        f"(deployment engine, loopback); run {run['status']} in {total:.0f} s "
-        f"(submit to finish)"
+        f"\n{a.institutions} institutions, {a.rounds} rounds, {a.steps} local steps"
+        + (f", LoRA rank {a.lora_rank}" if a.lora_rank else ", every tensor")
+        + f" (deployment engine, loopback); run {run['status']} in {total:.0f} s "
+        "(submit to finish)"
+    )
+    print(
+        "ClientApp start-up, a fresh interpreter importing (median of 3): "
+        + ", ".join(f"{m} {s:.2f} s" for m, s in startup.items())
     )
     print(
         f"{'round':>5}{'wait s':>9}{'client s':>10}{'server s':>10}{'Flower s':>10}"
