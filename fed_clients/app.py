@@ -91,7 +91,7 @@ def identity(context: Context, data_root: str | None = None) -> Identity:
     if "partition-id" in nc and root:
         task = load_task(str(root))
         name = task.institutions[int(nc["partition-id"]) % len(task.institutions)]
-        return Identity(name, task.data_path(name))
+        return Identity(name, task.data_path(name), dict(task.options or {}))
     raise TaskError(
         "this node has no identity: start the SuperNode with --node-config "
         "\"institution='NAME' data-path='FILE'\" (or, in simulation, set data-root)"

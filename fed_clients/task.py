@@ -54,6 +54,8 @@ class Task:
     data_files: dict[str, str] | None = None
     """Institution -> its own text file, relative to `root` (a task of real
     text; then `vocab_size` is the tokenizer's), instead of generated ids."""
+    options: dict[str, str] | None = None
+    """Node config every institution of the task gets (seq-len, text-field...)."""
 
     def data_path(self, institution: str) -> Path:
         if institution not in self.institutions:

@@ -120,6 +120,25 @@ def _run_config_options(fn: F) -> F:
                 help="> 0: client-side fixed-clipping DP (dense strategies only).",
             ),
             click.option("--dp-noise-multiplier", default=0.0, show_default=True),
+            click.option(
+                "--lora-rank",
+                default=0,
+                show_default=True,
+                help="> 0: institutions train and send rank-r adapters (LoRA).",
+            ),
+            click.option(
+                "--lora-alpha",
+                default=16.0,
+                show_default=True,
+                help="Adapters' scale is alpha / rank.",
+            ),
+            click.option(
+                "--lora-targets",
+                default="experts",
+                show_default=True,
+                help="experts, experts+attention, or a regex over further "
+                "nn.Linear names.",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -139,6 +158,9 @@ def _run_config(**kw: Any) -> dict[str, Any]:
         "max-update-norm": kw["max_update_norm"],
         "dp-clipping-norm": kw["dp_clipping_norm"],
         "dp-noise-multiplier": kw["dp_noise_multiplier"],
+        "lora-rank": kw["lora_rank"],
+        "lora-alpha": kw["lora_alpha"],
+        "lora-targets": kw["lora_targets"],
     }
     from param_server.federation.config import FederationConfig
 
@@ -165,8 +187,24 @@ def fed_app(dest: Path, **kw: Any) -> None:
     "--data",
     "data_root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
+    default=None,
     help="Task folder from `param-server fed-data` (one institution per data file).",
+)
+@click.option(
+    "--institution",
+    "institutions",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="An institution and its own text (JSON Lines, Parquet, CSV or a folder "
+    "of .txt files); repeat for each. Instead of --data.",
+)
+@click.option(
+    "--node-config",
+    "node_config",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Text options every institution gets (seq-len, text-field, "
+    "eval-fraction, micro-batch-size, ...); repeatable.",
 )
 @engine_option("deployment")
 @click.option(
@@ -199,7 +237,9 @@ def fed_app(dest: Path, **kw: Any) -> None:
 @handle_errors
 @client_options
 def federate(
-    data_root: Path,
+    data_root: Path | None,
+    institutions: tuple[str, ...],
+    node_config: tuple[str, ...],
     engine: str,
     workdir: Path,
     credentials: Credentials,
@@ -226,6 +266,15 @@ def federate(
         if value:
             os.environ[var] = str(value.absolute() if param != "token" else value)
     run_config = _run_config(**kw)
+    options = dict(_pair(o, "--node-config", "KEY=VALUE") for o in node_config)
+    if (data_root is None) == (not institutions):
+        raise click.UsageError(
+            "give the institutions' data: --data TASK_FOLDER, or --institution "
+            "NAME=PATH for each institution's own text"
+        )
+    if institutions:
+        data_root = _text_task(workdir / "institutions", institutions, options)
+    assert data_root is not None
     task = load_task(data_root)
 
     def show(version: int | None, rnd: int, names: str, note: str) -> None:
@@ -273,11 +322,14 @@ def federate(
         else None
     )
     app = write_app(workdir / "app", run_config)
-    institutions = {n: str(task.data_path(n)) for n in task.institutions}
     with (
         ParamClient.from_url(kw["server"], credentials) as client,
-        LocalDeployment(workdir / "flower", institutions, security=security) as flower,
+        LocalDeployment(workdir / "flower", {}, security=security) as flower,
     ):
+        for name in task.institutions:
+            flower.add_supernode(
+                name, str(task.data_path(name)), node_config=task.options
+            )
         client.wait_ready()
         before = client.head(kw["model"])
         run_id = flower.submit(app)
@@ -295,3 +347,51 @@ def federate(
                     "",
                 )
         click.echo(f"run {run_id} finished:completed")
+
+
+def _pair(text: str, option: str, form: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise click.UsageError(f"{option} takes {form}, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _text_task(
+    dest: Path, institutions: tuple[str, ...], options: dict[str, str]
+) -> Path:
+    """A task folder naming each institution's own text file (what the
+    simulation engine's partitions and the SuperNodes read)."""
+    from fed_clients.data import is_text
+    from fed_clients.task import Task, check_institution
+
+    files: dict[str, str] = {}
+    for item in institutions:
+        name, path = _pair(item, "--institution", "NAME=PATH")
+        check_institution(name)
+        if name in files:
+            raise click.UsageError(f"institution {name!r} is given twice")
+        where = Path(path).absolute()
+        if not where.exists():
+            raise click.UsageError(f"{name}: {path} does not exist")
+        if not is_text(where):
+            raise click.UsageError(
+                f"{name}: {path} is not text (.jsonl, .json, .parquet, .csv or a "
+                "folder of .txt files)"
+            )
+        files[name] = str(where)
+    dest.mkdir(parents=True, exist_ok=True)
+    task = Task(
+        str(dest.absolute()),
+        tuple(files),
+        vocab_size=0,
+        seq_len=int(options.get("seq-len", 128)),
+        domains=len(files),
+        train_docs=0,
+        test_docs=0,
+        own_share=1.0,
+        seed=0,
+        data_files=files,
+        options=options,
+    )
+    task.save()
+    return dest

@@ -226,3 +226,47 @@ def test_federate_with_relative_workdir_and_data_as_the_readme_says(
         assert "round 1: committed fed-moe@2" in p.stdout
         assert (tmp_path / "flower-run" / "flower" / "superlink.log").is_file()
         wait_until(lambda: Store(tmp_path / "store").head("fed-moe") == 2, 5, "HEAD")
+
+
+def test_federate_institutions_own_text_files_in_lora_mode(tmp_path: Path) -> None:
+    """`federate --institution NAME=PATH` for each institution's own text
+    (relative paths, JSON Lines and CSV), text options for all of them with
+    --node-config, LoRA from the command line, under the simulation engine."""
+    import json
+
+    from fed_clients.task import make_task, write_initial_checkpoint
+    from tests.unit.test_text_data import _docs, _tokenizer_files
+
+    task = make_task(tmp_path / "task", ("a",), train_docs=8, test_docs=4)
+    ckpt = write_initial_checkpoint(task, tmp_path / "init", hidden=32)
+    for name, data in _tokenizer_files(tmp_path).items():
+        (ckpt / name).write_bytes(data)
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in _docs(30))
+    )
+    (tmp_path / "b.csv").write_text("text\n" + "".join(f"{d}\n" for d in _docs(30)))
+    with spawn_daemon(tmp_path / "store") as d:
+        imp = cli(
+            *("import", "./init", "--model", "m", "--store", "./store"),
+            "--no-progress",
+            cwd=tmp_path,
+        )
+        assert imp.returncode == 0, imp.stderr
+        args = ["federate", "--model", "m", "--server", d.target, "--rounds", "1"]
+        p = cli(
+            *args,
+            *("--institution", "lab-a=./a.jsonl", "--institution", "lab-b=./b.csv"),
+            *("--node-config", "seq-len=16", "--engine", "simulation"),
+            *("--local-steps", "2", "--lora-rank", "4"),
+            cwd=tmp_path,
+            timeout=280,
+        )
+        assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+        assert "round 1: committed m@2 from lab-a, lab-b" in p.stdout
+        with ParamClient(d.target) as c:
+            fed = c.get_manifest("m", 2).metadata["federation"]
+        assert fed["update_mode"] == "lora" and fed["lora"]["rank"] == 4
+        bad = cli(*args, "--institution", "lab-c=./missing.jsonl", cwd=tmp_path)
+        assert bad.returncode != 0 and "missing.jsonl does not exist" in bad.stderr
+        both = cli(*args, cwd=tmp_path)
+        assert both.returncode != 0 and "--institution NAME=PATH" in both.stderr
