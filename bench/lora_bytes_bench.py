@@ -2,6 +2,7 @@
 
     python bench/lora_bytes_bench.py                 # Qwen3-MoE expert sizes, 1 layer
     python bench/lora_bytes_bench.py --layers 2 --ranks 8,16,32
+    python bench/lora_bytes_bench.py --device cuda --batch 16 --seq-len 512  # a GPU
 
 Builds a Qwen3-MoE-shaped model with realistic expert dimensions (hidden
 2048, moe_intermediate_size 768, 128 experts, top-8; few layers so it fits
@@ -10,8 +11,10 @@ training (`fed_clients.train.train_local`, one step on random token
 sequences) in each mode: whole experts (sparse mode: every expert tensor
 the step changed, in bf16) and LoRA at each rank (adapters of the experts
 the step reached, in bf16). The bytes are those of the reply's arrays, as
-the institution's ClientApp builds them. Also the local step's wall time on
-this machine.
+the institution's ClientApp builds them. Also the wall time of that
+`train_local` call (building the model, the step, collecting the update) on
+this machine (on CUDA, `--device cuda`: bf16 mixed precision, as an
+institution with a GPU trains a bf16 model by default).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--ranks", default="8,16")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -75,13 +79,15 @@ def main() -> None:
         received[k].numel() * received[k].element_size() for k in expert_keys
     ) // (args.experts * args.layers)
     data = torch.randint(0, args.vocab, (args.batch * 2, args.seq_len))
-    train = TrainConfig(steps=1, batch_size=args.batch, lr=1e-3, seed=1, device="cpu")
+    train = TrainConfig(
+        steps=1, batch_size=args.batch, lr=1e-3, seed=1, device=args.device
+    )
     print(
         f"Qwen3-MoE shape: {args.layers} layer(s) x {args.experts} experts "
         f"(top-{args.top_k}), hidden {args.hidden}, moe_intermediate {args.inter}, "
         f"bf16: {per_expert / 2**20:.2f} MiB per expert; one local step on "
-        f"{args.batch} x {args.seq_len} tokens; {platform.node()}, torch "
-        f"{torch.__version__}",
+        f"{args.batch} x {args.seq_len} tokens on {args.device}; {platform.node()}, "
+        f"torch {torch.__version__}",
         flush=True,
     )
     rows = []
@@ -109,7 +115,10 @@ def main() -> None:
             for x in (a, b)
         )
         rows.append((f"LoRA rank {rank}", len(out.adapters) // 3, nbytes, dt))
-    print("| update | experts sent | bytes sent | ÷ whole experts | local step s |")
+    print(
+        "| update | experts sent | bytes sent | ÷ whole experts | "
+        "train_local s (build, 1 step, update) |"
+    )
     print("|---|---|---|---|---|")
     for name, n, nbytes, dt in rows:
         print(
