@@ -189,16 +189,7 @@ def parse_reply(
         if key in adapter_keys:
             continue
         spec = layout.specs[key]
-        try:
-            t = wire.from_array(arr, key)
-        except InvalidInputError as e:
-            raise UpdateRejectedError(str(e)) from e
-        want = sent_dtypes.get(key, spec.dtype)
-        got = wire.dtype_name(arr)
-        if got != want:
-            raise UpdateRejectedError(
-                f"tensor {key!r}: dtype {got} but the model's is {want}"
-            )
+        t = _decode(arr, key, f"tensor {key!r}", sent_dtypes.get(key, spec.dtype))
         if tuple(t.shape) != spec.shape:
             raise UpdateRejectedError(
                 f"tensor {key!r}: shape {list(t.shape)} but the model's is "
@@ -261,6 +252,18 @@ def parse_reply(
     )
 
 
+def _decode(arr: Array, key: str, label: str, want: str) -> torch.Tensor:
+    """One reply array as a tensor, which must be in dtype `want`."""
+    try:
+        t = wire.from_array(arr, key)
+    except InvalidInputError as e:
+        raise UpdateRejectedError(str(e)) from e
+    got = wire.dtype_name(arr)
+    if got != want:
+        raise UpdateRejectedError(f"{label}: dtype {got} but the model's is {want}")
+    return t
+
+
 def _adapter(
     key: str,
     pair: Mapping[str, str],
@@ -285,17 +288,8 @@ def _adapter(
     want_shape = {"A": (rank, cols), "B": (rows, rank)}
     out = {}
     for half, reply_key in pair.items():
-        arr = rec[reply_key]
-        try:
-            t = wire.from_array(arr, reply_key)
-        except InvalidInputError as e:
-            raise UpdateRejectedError(str(e)) from e
         want = sent_dtypes.get(key, spec.dtype)
-        got = wire.dtype_name(arr)
-        if got != want:
-            raise UpdateRejectedError(
-                f"{reply_key!r}: dtype {got} but the tensor's is {want}"
-            )
+        t = _decode(rec[reply_key], reply_key, repr(reply_key), want)
         if tuple(t.shape) != want_shape[half]:
             raise UpdateRejectedError(
                 f"{reply_key!r}: shape {list(t.shape)}, expected "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import math
 import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -276,18 +278,34 @@ def _shards(store_path: Path, version: int) -> dict[str, dict[str, torch.Tensor]
     return dict(iter_shard_tensors(store, store.get_manifest(MODEL, version)))
 
 
-@pytest.mark.timeout(900)
-def test_deployment_engine_three_supernodes_commit_rounds_a_live_node_swaps_in(
-    tmp_path: Path, fed_store: tuple[Path, Task]
-) -> None:
-    store_path, task = fed_store
+@contextlib.contextmanager
+def _live_node(
+    store_path: Path,
+) -> Iterator[tuple[Any, ParamClient, HotSwapper]]:
+    """A daemon over `store_path`, a client of it, and a live lazy node of
+    MODEL subscribed to its announcements."""
     daemon = spawn_daemon(store_path)
     client = ParamClient(daemon.target, same_host=False, retries=1)
     swapper = None
     try:
         lazy = load_lazy_model(client, MODEL, budget_bytes=10**9)
         swapper = HotSwapper(lazy, reconcile_interval=600).start()
-        wait_until(lambda: swapper.status().redis_connected, 15, "the subscription")
+        live = swapper
+        wait_until(lambda: live.status().redis_connected, 15, "the subscription")
+        yield daemon, client, swapper
+    finally:
+        if swapper is not None:
+            swapper.stop()
+        client.close()
+        daemon.stop()
+
+
+@pytest.mark.timeout(900)
+def test_deployment_engine_three_supernodes_commit_rounds_a_live_node_swaps_in(
+    tmp_path: Path, fed_store: tuple[Path, Task]
+) -> None:
+    store_path, task = fed_store
+    with _live_node(store_path) as (daemon, client, swapper):
         v1 = client.head(MODEL)
         app = write_app(
             tmp_path / "app",
@@ -358,11 +376,6 @@ def test_deployment_engine_three_supernodes_commit_rounds_a_live_node_swaps_in(
             assert dead["node_id"] not in {c["node_id"] for c in fed["contributors"]}
             assert dead["reason"].startswith("no reply"), dead
             assert swapper.wait_for_version(v1 + 3, 30)
-    finally:
-        if swapper is not None:
-            swapper.stop()
-        client.close()
-        daemon.stop()
 
 
 def test_the_federated_model_learns_the_task(fed_store: tuple[Path, Task]) -> None:
@@ -586,13 +599,7 @@ def test_a_lora_round_through_the_deployment_engine_on_json_lines(
         docs = [d if i == 0 else " ".join(d.split()[:: 1 + i]) for d in _docs(40)]
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    daemon = spawn_daemon(store_path)
-    client = ParamClient(daemon.target, same_host=False, retries=1)
-    swapper = None
-    try:
-        lazy = load_lazy_model(client, MODEL, budget_bytes=10**9)
-        swapper = HotSwapper(lazy, reconcile_interval=600).start()
-        wait_until(lambda: swapper.status().redis_connected, 15, "the subscription")
+    with _live_node(store_path) as (daemon, client, swapper):
         before = client.get_manifest(MODEL)
         app = write_app(
             tmp_path / "app",
@@ -632,8 +639,3 @@ def test_a_lora_round_through_the_deployment_engine_on_json_lines(
             new = client.fetch_shards(MODEL, [shard])[shard]
             assert all(t.dtype == torch.bfloat16 for t in new.values())
         assert swapper.wait_for_version(after.version, 30)
-    finally:
-        if swapper is not None:
-            swapper.stop()
-        client.close()
-        daemon.stop()

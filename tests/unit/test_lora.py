@@ -282,7 +282,7 @@ def test_a_lora_reply_parses_into_adapters_with_its_bytes() -> None:
         (
             {"e0.w::lora_A": _ab(1)[0].float(), "e0.w::lora_B": _ab(1)[1]},
             2,
-            "dtype F32 but the tensor's is BF16",
+            "dtype F32 but the model's is BF16",
         ),
         (
             {
