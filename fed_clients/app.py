@@ -18,8 +18,10 @@ Under the simulation engine (no such node config) the `partition-id` Flower
 assigns picks the institution of a generated task folder (`data-root`).
 
 A train message carries the global weights; the reply carries only the
-tensors local training changed (sparse mode, stored dtype, bit-exact) or all
-of them (dense mode, for Flower's own strategies and DP clipping), with the
+tensors local training changed (sparse mode, stored dtype, bit-exact), all
+of them (dense mode, for Flower's own strategies and DP clipping), or in
+LoRA mode (`lora-rank` in the round's config) the low-rank adapters of the
+experts the institution's data reached (see `fed_clients.lora`), with the
 example count and the tokens routed to each expert.
 """
 
