@@ -17,12 +17,17 @@ computed from them would silently poison the whole row or block.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save as _st_save
 
 from param_server.core.errors import InvalidInputError
+from param_server.core.safetensors_format import parse_header
+from param_server.core.tensor_codec import DTYPE_NAMES, DTYPES, decode
 
 INT8 = "int8"
 FP8 = "fp8"
@@ -121,3 +126,106 @@ def dequantize(qz: Quantized, dtype: torch.dtype | None = None) -> torch.Tensor:
     else:
         raise InvalidInputError(f"unknown quantization {qz.kind!r}")
     return w.to(dtype or qz.dtype).reshape(shape)
+
+
+# --- variant blobs -----------------------------------------------------------------
+
+VARIANT_KEY = "moe-param-server.variant"
+"""The safetensors metadata key that describes a variant blob: JSON with
+`kind`, `source` (the source blob's digest) and `dtypes` (each quantized
+tensor's original safetensors dtype)."""
+SCALE_SUFFIX = "::scale"
+"""A quantized tensor `N`'s scales are the tensor `N::scale` (float32)."""
+
+
+def _quantizable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.dim() >= 2 and math.prod(t.shape[:-2]) == 1
+
+
+def encode_variant(
+    tensors: Mapping[str, torch.Tensor], kind: str, source: str
+) -> bytes:
+    """The `kind` variant of a shard as self-describing safetensors bytes:
+    every float matrix quantized (values under its own name, scales under
+    `name::scale`), anything else (vectors, integer tensors) kept as it is.
+    Equal inputs give equal bytes, so a variant's digest is a function of
+    its source's.
+
+    Raises:
+        InvalidInputError: an unknown kind, or NaN/Inf in a weight.
+    """
+    if kind not in (INT8, FP8):
+        raise InvalidInputError(
+            f"unknown quantization {kind!r}; choose {INT8} or {FP8}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, str] = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if name.endswith(SCALE_SUFFIX):
+            raise InvalidInputError(
+                f"tensor {name!r}: names ending in {SCALE_SUFFIX!r} are reserved"
+            )
+        if _quantizable(t):
+            qz = quantize(t, kind, name)
+            out[name] = qz.values.contiguous()
+            out[name + SCALE_SUFFIX] = qz.scales.contiguous()
+            dtypes[name] = DTYPE_NAMES[t.dtype]
+        else:
+            out[name] = t.detach().contiguous()
+    about = {"kind": kind, "source": source, "dtypes": dtypes}
+    # One metadata key: its JSON (sorted) makes the header, and so the
+    # digest, the same on every run.
+    return _st_save(out, metadata={VARIANT_KEY: json.dumps(about, sort_keys=True)})
+
+
+def variant_info(
+    buf: bytes | bytearray | memoryview, what: str = "blob"
+) -> dict[str, object]:
+    """The description of a variant blob (see VARIANT_KEY).
+
+    Raises:
+        InvalidInputError: not safetensors, or not a variant.
+    """
+    header = parse_header(memoryview(buf), len(buf), what)
+    raw = header.metadata.get(VARIANT_KEY)
+    if raw is None:
+        raise InvalidInputError(f"{what} is not a quantized variant")
+    try:
+        about = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{what}: malformed variant description: {e}") from e
+    if not isinstance(about, dict) or about.get("kind") not in (INT8, FP8):
+        raise InvalidInputError(f"{what}: malformed variant description {raw!r}")
+    return about
+
+
+def decode_variant(
+    buf: bytes | bytearray | memoryview, what: str = "blob"
+) -> dict[str, torch.Tensor]:
+    """The tensors a variant blob stands for, dequantized to their original
+    dtypes (what `decode` of the source gives, up to quantization error).
+
+    Raises:
+        InvalidInputError: not a variant, or a quantized tensor without its
+            scales.
+    """
+    about = variant_info(buf, what)
+    kind = str(about["kind"])
+    dtypes = about.get("dtypes", {})
+    if not isinstance(dtypes, dict):
+        raise InvalidInputError(f"{what}: malformed variant description")
+    raw = decode(buf, what)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in raw.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if name in dtypes:
+            scales = raw.get(name + SCALE_SUFFIX)
+            dtype = DTYPES.get(str(dtypes[name]))
+            if scales is None or dtype is None:
+                raise InvalidInputError(f"{what}: tensor {name!r} lacks its scales")
+            out[name] = dequantize(Quantized(kind, t, scales, dtype))
+        else:
+            out[name] = t
+    return out

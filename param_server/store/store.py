@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from param_server.core import quant, tensor_codec
 from param_server.core.blob_layout import STORE_ID_FILE, blob_path
 from param_server.core.errors import (
     IntegrityError,
@@ -523,6 +524,55 @@ class Store:
             self._verified[digest] = sig
         return path
 
+    # --- quantized variants ----------------------------------------------------
+
+    def _variant_record(self, kind: str, digest: str) -> Path:
+        return self.root / "variants" / kind / digest
+
+    def variant(self, digest: str, kind: str) -> tuple[str, int]:
+        """(digest, size) of the `kind` (int8 or fp8) variant of blob `digest`,
+        a shard's safetensors bytes (see `quant.encode_variant`).
+
+        Made on first request from the verified source, stored as a
+        content-addressed blob and recorded against the source's digest
+        (`variants/<kind>/<source digest>`), so it is made once per
+        distinct shard, survives restarts, and goes when gc collects its
+        source. A recorded variant that is missing or fails its digest is
+        made again.
+
+        Raises:
+            InvalidInputError: an unknown kind, or a source with NaN/Inf.
+            NotFoundError, IntegrityError: the source is missing or corrupt.
+        """
+        check_digest(digest)
+        if kind not in (quant.INT8, quant.FP8):
+            quant.check_width(kind)
+            raise InvalidInputError(f"the stored width has no variant ({kind!r})")
+        record = self._variant_record(kind, digest)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            made = record.read_text().strip()
+            try:
+                path = self.verify_blob(made)
+                return made, path.stat().st_size
+            except (NotFoundError, IntegrityError):
+                logger.warning(
+                    "variant %s of %s is gone or corrupt; remaking it", kind, digest
+                )
+        source = self.verify_blob(digest)
+        tensors = tensor_codec.decode(source.read_bytes(), f"blob {digest}")
+        data = quant.encode_variant(tensors, kind, digest)
+        with self._write_lock(), self.staging() as staging:
+            blob = staging.add(f"variant-{kind}", data)
+            dest = self.blob_path(blob.digest)
+            with contextlib.suppress(FileNotFoundError):
+                if sha256_file(dest) != blob.digest:  # a corrupt leftover
+                    dest.unlink()
+            self._install_blobs(staging)
+            with _io_errors("record a variant", record):
+                record.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(record, blob.digest.encode())
+        return blob.digest, blob.size
+
     # --- writing ---------------------------------------------------------------
 
     def staging(self) -> Staging:
@@ -840,6 +890,14 @@ class Store:
                     if number not in keep:
                         f.unlink(missing_ok=True)
                         self._manifests.pop((model, number or 0), None)
+            # A variant lives as long as its source: kept with it, else
+            # its record goes (and its blob below).
+            for record in self._variant_records():
+                if record.name in referenced:
+                    with contextlib.suppress(OSError):
+                        referenced.add(record.read_text().strip())
+                elif not dry_run:
+                    record.unlink(missing_ok=True)
             for sub in self.blob_root.iterdir():
                 for blob in sub.iterdir():
                     if blob.name not in referenced:
@@ -857,6 +915,12 @@ class Store:
             " (dry run)" if dry_run else "",
         )
         return result
+
+    def _variant_records(self) -> list[Path]:
+        root = self.root / "variants"
+        if not root.is_dir():
+            return []
+        return [r for kind in root.iterdir() if kind.is_dir() for r in kind.iterdir()]
 
     def clean_staging(self) -> None:
         """Removes staging areas whose owner died (their flock is free)."""
