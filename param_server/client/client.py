@@ -21,7 +21,7 @@ from param_server.api.v1 import param_server_pb2 as pb
 from param_server.client.channel import Connection, FetchStats
 from param_server.client.disk_cache import DiskBlobCache
 from param_server.client.transfer import BlobFetcher, Buffer
-from param_server.core import tensor_codec
+from param_server.core import quant, tensor_codec
 from param_server.core.auth import Credentials
 from param_server.core.errors import (
     InvalidInputError,
@@ -218,6 +218,34 @@ class ParamClient:
         )
         return int(r.head)
 
+    def variants(
+        self, manifest: Manifest, keys: Iterable[str], width: str
+    ) -> dict[str, tuple[str, int]]:
+        """Shard key -> (digest, size) of its `width` ("int8" or "fp8")
+        variant; the daemon makes the ones it does not have yet.
+
+        Raises:
+            InvalidInputError: an unknown width, or a dense shard.
+            NotFoundError: a key the version does not have.
+        """
+        keys = list(keys)
+        if not keys:
+            return {}
+        r = self._conn.retry(
+            f"variants of {manifest.model}@{manifest.version}",
+            lambda: self._conn.stubs[0].GetVariants(
+                pb.GetVariantsRequest(
+                    model=manifest.model,
+                    version=manifest.version,
+                    shard_keys=keys,
+                    width=width,
+                ),
+                timeout=self._conn.stream_timeout,
+                metadata=self._conn.metadata,
+            ),
+        )
+        return {v.key: (v.digest, v.size) for v in r.variants}
+
     def fetch_blobs(
         self,
         manifest: Manifest,
@@ -225,12 +253,15 @@ class ParamClient:
         *,
         files: Iterable[str] = (),
         progress: bool = False,
+        width: str = "full",
     ) -> dict[str, Buffer]:
         """Verified bytes of shards (and files) of one version.
 
         Returns a buffer per key (file names for files); each was checked
         against the digest in `manifest` before it is returned. With
-        `progress`, a progress bar on stderr counts the bytes.
+        `progress`, a progress bar on stderr counts the bytes. With `width`
+        "int8" or "fp8", the shards' quantized variants instead (expert
+        shards only), checked against the digests `variants` names.
 
         Raises:
             NotFoundError: a key or file that `manifest` does not have.
@@ -245,6 +276,9 @@ class ParamClient:
                     f"{manifest.model}@{manifest.version} has no shard {k!r}"
                 )
             wanted[k] = (e.digest, e.size, False)
+        if quant.check_width(width) != "full":
+            for k, (digest, size) in self.variants(manifest, wanted, width).items():
+                wanted[k] = (digest, size, False)
         for f in files:
             fe = manifest.files.get(f)
             if fe is None:
@@ -260,7 +294,9 @@ class ParamClient:
             disable=not progress,
         )
         with bar:
-            return self._fetcher.fetch(manifest, wanted, bar.update)
+            return self._fetcher.fetch(
+                manifest, wanted, bar.update, "" if width == "full" else width
+            )
 
     def fetch_shards(
         self,
@@ -270,10 +306,14 @@ class ParamClient:
         manifest: Manifest | None = None,
         *,
         progress: bool = False,
+        width: str = "full",
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Tensors of shards, by shard key, all from one version.
 
-        The tensors view the received (or mapped) bytes without copies.
+        The tensors view the received (or mapped) bytes without copies. With
+        `width` "int8" or "fp8", the expert shards' quantized variants are
+        fetched (about half the bytes of bf16) and dequantized here to their
+        stored dtypes.
         """
         if manifest is not None and (manifest.model, version) not in (
             (model, None),
@@ -284,9 +324,12 @@ class ParamClient:
                 f"{manifest.model}@{manifest.version}"
             )
         m = manifest if manifest is not None else self.get_manifest(model, version)
+        decode = tensor_codec.decode if width == "full" else quant.decode_variant
         return {
-            k: tensor_codec.decode(buf, f"{m.model}@{m.version}:{k}")
-            for k, buf in self.fetch_blobs(m, keys, progress=progress).items()
+            k: decode(buf, f"{m.model}@{m.version}:{k}")
+            for k, buf in self.fetch_blobs(
+                m, keys, progress=progress, width=width
+            ).items()
         }
 
     # --- writing ---------------------------------------------------------------

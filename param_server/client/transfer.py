@@ -66,7 +66,10 @@ class BlobFetcher:
         manifest: Manifest,
         wanted: dict[str, tuple[str, int, bool]],
         tick: Callable[[int], object],
+        width: str = "",
     ) -> dict[str, Buffer]:
+        """Verified bytes of `wanted`; with a `width`, its digests and sizes
+        are those of the shards' variants (see ParamClient.variants)."""
         out: dict[str, Buffer] = {}
         remote = {}
         # Mapping verifies unseen blobs (SHA-256 releases the GIL): in parallel.
@@ -92,7 +95,7 @@ class BlobFetcher:
             else:
                 remote[k] = (digest, size, is_file)
         if remote:
-            fetched = self._fetch_remote(manifest, remote, tick)
+            fetched = self._fetch_remote(manifest, remote, tick, width)
             if self._disk is not None:
                 for k, buf in fetched.items():
                     self._disk.put(remote[k][0], buf)  # verified on receipt
@@ -106,6 +109,7 @@ class BlobFetcher:
         m: Manifest,
         wanted: dict[str, tuple[str, int, bool]],
         tick: Callable[[int], object],
+        width: str,
     ) -> dict[str, Buffer]:
         # Balance streams by bytes: largest first onto the lightest stream.
         n = min(self.conn.streams, len(wanted))
@@ -116,10 +120,10 @@ class BlobFetcher:
             groups[i].append(k)
             loads[i] += wanted[k][1]
         if n == 1:
-            return self._fetch_group(0, m, groups[0], wanted, tick)
+            return self._fetch_group(0, m, groups[0], wanted, tick, width)
         results = list(
             self._pool.map(
-                lambda ig: self._fetch_group(ig[0], m, ig[1], wanted, tick),
+                lambda ig: self._fetch_group(ig[0], m, ig[1], wanted, tick, width),
                 enumerate(groups),
             )
         )
@@ -135,6 +139,7 @@ class BlobFetcher:
         keys: list[str],
         wanted: dict[str, tuple[str, int, bool]],
         tick: Callable[[int], object],
+        width: str,
     ) -> dict[str, Buffer]:
         out: dict[str, Buffer] = {}
         refetched: set[str] = set()
@@ -145,7 +150,13 @@ class BlobFetcher:
             bad = self.conn.retry(
                 f"fetch blobs of {m.model}@{m.version}",
                 lambda: self._stream_into(
-                    stream, m, [k for k in keys if k not in out], wanted, out, tick
+                    stream,
+                    m,
+                    [k for k in keys if k not in out],
+                    wanted,
+                    out,
+                    tick,
+                    width,
                 ),
             )
             for k in bad:
@@ -165,6 +176,7 @@ class BlobFetcher:
         wanted: dict[str, tuple[str, int, bool]],
         out: dict[str, Buffer],
         tick: Callable[[int], object],
+        width: str,
     ) -> list[str]:
         """One FetchShards stream; fills `out`, returns keys that failed digests.
 
@@ -178,6 +190,7 @@ class BlobFetcher:
                 version=m.version,
                 shard_keys=[k for k in keys if not wanted[k][2]],
                 file_names=[k for k in keys if wanted[k][2]],
+                width=width,
             ),
             timeout=self.conn.stream_timeout,
             metadata=self.conn.metadata,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -180,7 +181,7 @@ def encode_variant(
 
 
 def variant_info(
-    buf: bytes | bytearray | memoryview, what: str = "blob"
+    buf: bytes | bytearray | memoryview | mmap.mmap, what: str = "blob"
 ) -> dict[str, object]:
     """The description of a variant blob (see VARIANT_KEY).
 
@@ -201,7 +202,7 @@ def variant_info(
 
 
 def decode_variant(
-    buf: bytes | bytearray | memoryview, what: str = "blob"
+    buf: bytes | bytearray | memoryview | mmap.mmap, what: str = "blob"
 ) -> dict[str, torch.Tensor]:
     """The tensors a variant blob stands for, dequantized to their original
     dtypes (what `decode` of the source gives, up to quantization error).

@@ -32,6 +32,7 @@ from param_server.api.convert import (
 )
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
+from param_server.core import quant
 from param_server.core.announcements import redact
 from param_server.core.auth import Role, read_pem
 from param_server.core.errors import (
@@ -56,6 +57,7 @@ from param_server.core.framing import (
 )
 from param_server.core.manifest import Manifest
 from param_server.core.names import check_model_name, check_shard_key
+from param_server.core.shards import is_expert_key
 from param_server.server.announce import Announcer
 from param_server.server.config import ServerConfig
 from param_server.server.redis_server import EmbeddedRedis
@@ -314,6 +316,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
     ) -> Iterator[bytes]:
         """Yields serialised FetchChunk messages (see create_server for why)."""
         m = self.store.get_manifest(request.model, request.version or None)
+        width = quant.check_width(request.width or "full")
         wanted: list[tuple[str, str, int, bool]] = []
         for key in request.shard_keys:
             entry = m.shards.get(check_shard_key(key))
@@ -321,7 +324,11 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
                 raise NotFoundError(
                     f"model {m.model!r} version {m.version} has no shard {key!r}"
                 )
-            wanted.append((key, entry.digest, entry.size, False))
+            if width == "full":
+                wanted.append((key, entry.digest, entry.size, False))
+            else:
+                digest, size = self._variant(m, key, entry.digest, width)
+                wanted.append((key, digest, size, False))
         for name in request.file_names:
             f = m.files.get(name)
             if f is None:
@@ -347,6 +354,41 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
                     while chunk := blob.read(CHUNK_BYTES):
                         touch()
                         yield frame_bytes_field(FETCH_DATA_FIELD, chunk)
+
+    def _variant(
+        self, m: Manifest, key: str, digest: str, width: str
+    ) -> tuple[str, int]:
+        if not is_expert_key(key):
+            raise InvalidInputError(
+                f"{m.model}@{m.version} {key!r} is not an expert shard: dense "
+                "shards are served at their stored width only"
+            )
+        return self.store.variant(digest, width)
+
+    @_rpc(Role.READER)
+    def GetVariants(
+        self, request: pb.GetVariantsRequest, context: Any
+    ) -> pb.GetVariantsResponse:
+        m = self.store.get_manifest(request.model, request.version or None)
+        width = quant.check_width(request.width)
+        if width == "full":
+            raise InvalidInputError(
+                "width 'full' has no variants: fetch the shards themselves"
+            )
+        out = pb.GetVariantsResponse(version=m.version)
+        for key in request.shard_keys:
+            entry = m.shards.get(check_shard_key(key))
+            if entry is None:
+                raise NotFoundError(
+                    f"model {m.model!r} version {m.version} has no shard {key!r}"
+                )
+            digest, size = self._variant(m, key, entry.digest, width)
+            out.variants.append(
+                pb.VariantEntry(
+                    key=key, digest=digest, size=size, source_digest=entry.digest
+                )
+            )
+        return out
 
     # The role is checked before a byte is read; the model limit once the
     # header names the model (in _commit).

@@ -29,6 +29,7 @@ METHODS = (
     "SetPin",
     "CollectGarbage",
     "GetStoreInfo",
+    "GetVariants",
 )
 
 

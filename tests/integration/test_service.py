@@ -539,3 +539,50 @@ def test_commit_over_the_size_limit_is_refused(tmp_path: Path) -> None:
             assert c.get_manifest("m").version == 1
     finally:
         srv.stop(0)
+
+
+@pytest.mark.parametrize("width", ["int8", "fp8"])
+def test_experts_fetched_at_8_bits(
+    server: Server, checkpoints: dict[str, Checkpoint], width: str
+) -> None:
+    """A bf16 model's experts over gRPC and the same-host path at 8 bits:
+    fewer bytes, verified against the variants' own digests,
+    dequantized to bf16 close to the stored values; dense shards only at
+    their stored width; a corrupt variant is made again, never served."""
+    ck = checkpoints["qwen3_moe-bfloat16"]
+    import_checkpoint(server.store(), ck.path, "m")
+    src = source_tensors(ck.path)
+    experts = ["layers.0.experts.1", "layers.1.experts.3"]
+    for same_host in (False, True):
+        with ParamClient(server.target, same_host=same_host, retries=1) as c:
+            m = c.get_manifest("m")
+            got = c.fetch_shards("m", experts, manifest=m, width=width)
+            moved = c.stats.bytes_streamed + c.stats.bytes_mapped
+            # Tiny experts: headers and scales weigh; at real sizes a variant
+            # is ~0.5 x bf16 (see test_variants and BENCHMARKS.md).
+            assert moved < sum(m.shards[k].size for k in experts)
+            assert (c.stats.blobs_mapped > 0) == same_host
+            for tensors in got.values():
+                for name, t in tensors.items():
+                    assert t.dtype == torch.bfloat16 and t.shape == src[name].shape
+                    scale = float(src[name].float().abs().max())
+                    err = float((t.float() - src[name].float()).abs().max())
+                    assert 0 < err <= 0.07 * scale, name
+            again = c.fetch_shards("m", experts, manifest=m, width=width)
+            assert all(torch.equal(again[k][n], got[k][n]) for k in got for n in got[k])
+            with pytest.raises(InvalidInputError, match="not an expert shard"):
+                c.fetch_shards("m", ["global"], manifest=m, width=width)
+            with pytest.raises(InvalidInputError, match="unknown width"):
+                c.fetch_shards("m", experts, manifest=m, width="int4")
+    store = server.store()
+    digest, _ = store.variant(m.shards[experts[0]].digest, width)
+    path = store.blob_path(digest)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with ParamClient(server.target, same_host=False, retries=1) as c:
+        fresh = c.fetch_shards("m", experts[:1], manifest=m, width=width)
+    assert torch.equal(
+        fresh[experts[0]][next(iter(got[experts[0]]))],
+        got[experts[0]][next(iter(got[experts[0]]))],
+    )

@@ -125,16 +125,50 @@ class ListVersionsResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., head: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
 
 class FetchShardsRequest(_message.Message):
-    __slots__ = ("model", "version", "shard_keys", "file_names")
+    __slots__ = ("model", "version", "shard_keys", "file_names", "width")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_KEYS_FIELD_NUMBER: _ClassVar[int]
     FILE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     shard_keys: _containers.RepeatedScalarFieldContainer[str]
     file_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., shard_keys: _Optional[_Iterable[str]] = ..., file_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    width: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., shard_keys: _Optional[_Iterable[str]] = ..., file_names: _Optional[_Iterable[str]] = ..., width: _Optional[str] = ...) -> None: ...
+
+class GetVariantsRequest(_message.Message):
+    __slots__ = ("model", "version", "shard_keys", "width")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_KEYS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    shard_keys: _containers.RepeatedScalarFieldContainer[str]
+    width: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., shard_keys: _Optional[_Iterable[str]] = ..., width: _Optional[str] = ...) -> None: ...
+
+class VariantEntry(_message.Message):
+    __slots__ = ("key", "digest", "size", "source_digest")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    digest: str
+    size: int
+    source_digest: str
+    def __init__(self, key: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., source_digest: _Optional[str] = ...) -> None: ...
+
+class GetVariantsResponse(_message.Message):
+    __slots__ = ("version", "variants")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    variants: _containers.RepeatedCompositeFieldContainer[VariantEntry]
+    def __init__(self, version: _Optional[int] = ..., variants: _Optional[_Iterable[_Union[VariantEntry, _Mapping]]] = ...) -> None: ...
 
 class BlobHeader(_message.Message):
     __slots__ = ("key", "digest", "size", "is_file", "version")

@@ -79,6 +79,11 @@ class ParamServerStub:
                 request_serializer=param__server_dot_api_dot_v1_dot_param__server__pb2.GetStoreInfoRequest.SerializeToString,
                 response_deserializer=param__server_dot_api_dot_v1_dot_param__server__pb2.StoreInfo.FromString,
                 _registered_method=True)
+        self.GetVariants = channel.unary_unary(
+                '/paramserver.v1.ParamServer/GetVariants',
+                request_serializer=param__server_dot_api_dot_v1_dot_param__server__pb2.GetVariantsRequest.SerializeToString,
+                response_deserializer=param__server_dot_api_dot_v1_dot_param__server__pb2.GetVariantsResponse.FromString,
+                _registered_method=True)
 
 
 class ParamServerServicer:
@@ -153,6 +158,16 @@ class ParamServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVariants(self, request, context):
+        """The 8-bit variant ("int8" or "fp8") of each named expert shard of one
+        version: made on first request from the verified source, then kept
+        with it (gc collects the two together). Its bytes come from
+        FetchShards with the same width; the digest here is what they hash to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParamServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +215,11 @@ def add_ParamServerServicer_to_server(servicer, server):
                     servicer.GetStoreInfo,
                     request_deserializer=param__server_dot_api_dot_v1_dot_param__server__pb2.GetStoreInfoRequest.FromString,
                     response_serializer=param__server_dot_api_dot_v1_dot_param__server__pb2.StoreInfo.SerializeToString,
+            ),
+            'GetVariants': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVariants,
+                    request_deserializer=param__server_dot_api_dot_v1_dot_param__server__pb2.GetVariantsRequest.FromString,
+                    response_serializer=param__server_dot_api_dot_v1_dot_param__server__pb2.GetVariantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +465,33 @@ class ParamServer:
             '/paramserver.v1.ParamServer/GetStoreInfo',
             param__server_dot_api_dot_v1_dot_param__server__pb2.GetStoreInfoRequest.SerializeToString,
             param__server_dot_api_dot_v1_dot_param__server__pb2.StoreInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVariants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParamServer/GetVariants',
+            param__server_dot_api_dot_v1_dot_param__server__pb2.GetVariantsRequest.SerializeToString,
+            param__server_dot_api_dot_v1_dot_param__server__pb2.GetVariantsResponse.FromString,
             options,
             channel_credentials,
             insecure,
