@@ -17,7 +17,7 @@ from loaders.eviction import EvictionPolicy, FrequencyPolicy
 from loaders.pool import ExpertPool
 from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
-from param_server.core import tensor_codec
+from param_server.core import quant, tensor_codec
 from param_server.core.errors import InvalidInputError, NotFoundError, ParamServerError
 from param_server.core.manifest import Manifest
 from param_server.core.shards import expert_key, is_expert_key, parse_expert_key
@@ -156,7 +156,12 @@ class LazyExpertLoader:
         slots: ExpertSlots | None = None,
         pool: ExpertPool | dict[int, ExpertPool] | None = None,
         host_budget_bytes: int | None = None,
+        width: str = "full",
     ) -> None:
+        self.width = quant.check_width(width)
+        """What experts cross the network as: `full` (the stored bytes), or
+        `int8`/`fp8` variants, dequantized to the stored dtype on arrival (so
+        budgets, tiers and compute see full-width experts)."""
         if budget_bytes <= 0:
             raise InvalidInputError(
                 f"expert budget must be positive, got {budget_bytes} bytes"
@@ -348,13 +353,20 @@ class LazyExpertLoader:
             with self._lock:
                 kept = {k: self._from_host(d) for k, (_, d, _) in keys.items()}
             remote = [k for k, h in kept.items() if h is None]
-            blobs = self.client.fetch_blobs(manifest, remote) if remote else {}
+            blobs = (
+                self.client.fetch_blobs(manifest, remote, width=self.width)
+                if remote
+                else {}
+            )
+            decode = (
+                tensor_codec.decode if self.width == "full" else quant.decode_variant
+            )
             prepared: dict[str, tuple[Tensors, torch.cuda.Event | None]] = {}
             for key in keys:
                 e, digest, _ = keys[key]
                 host = kept[key]
                 if host is None:
-                    raw = tensor_codec.decode(blobs[key], f"{manifest.model}:{key}")
+                    raw = decode(blobs[key], f"{manifest.model}:{key}")
                     # Own storage (never a view keeping the blob alive); on CUDA
                     # it is page-locked so the copy below is an async DMA.
                     host = self._prepare(layer, e, raw, self._cuda)

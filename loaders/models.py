@@ -380,6 +380,7 @@ def load_lazy_model(
     experts_implementation: str | None = None,
     host_budget_bytes: int | None = None,
     prefetch: bool | None = None,
+    width: str = "full",
 ) -> LazyModel:
     """Builds `model` from the server with lazily loaded experts.
 
@@ -401,7 +402,10 @@ def load_lazy_model(
     `loader.stats()`: `prefetched`, `prediction_recall`,
     `prediction_precision`). None: on with CUDA, off on the CPU, where
     bringing an expert in takes the same cores the forward pass needs
-    (measured in BENCHMARKS.md).
+    (measured in BENCHMARKS.md). `width` "int8" or "fp8" fetches experts
+    as the server's 8-bit variants (about half the bytes of bf16 on the
+    wire), dequantized to the stored dtype when they arrive; hot swaps then
+    fetch the new experts' variants too.
 
     Raises:
         UnavailableError: the server stayed unreachable (after retries).
@@ -455,6 +459,7 @@ def load_lazy_model(
         prepare=_prepare_for(family, shapes, model),
         policy=policy,
         host_budget_bytes=host_budget_bytes,
+        width=width,
     )
     if not in_slots:
         for i, experts in moe_layers.items():

@@ -53,6 +53,7 @@ class Live:
         self,
         fraction: float = 0.5,
         implementation: str | None = "eager",
+        width: str = "full",
         **kw: object,
     ) -> tuple[LazyModel, HotSwapper]:
         """A live lazy model on its own connection, with a started swapper."""
@@ -65,6 +66,7 @@ class Live:
             MODEL,
             budget_bytes=max(max(sizes), int(sum(sizes) * fraction)),
             experts_implementation=implementation,
+            width=width,
         )
         kw.setdefault("heartbeat_interval", 0.5)
         kw.setdefault("reconcile_interval", 600.0)  # announcements must do it
@@ -210,6 +212,39 @@ def test_serving_thread_sees_exactly_one_version_per_pass(
     assert st.last_flip_us is not None and st.last_flip_us < 100_000
     # Replaced experts of old versions do not linger beside the new ones.
     assert lm.loader.stats().resident_bytes <= lm.loader.budget_bytes
+
+
+@pytest.mark.parametrize("live", ["mixtral-bfloat16"], indirect=True)
+@pytest.mark.parametrize("width", ["int8", "fp8"])
+def test_a_node_on_8_bit_experts_serves_and_swaps(live: Live, width: str) -> None:
+    """Experts fetched as the server's int8 or fp8 variants, dequantized to
+    bf16: the node serves logits close to (not equal to) a full-width node's,
+    at half the budget and with every expert in its slot, and a hot swap
+    reaches it as the variants of the new experts."""
+    full, full_sw = live.node(1.0, implementation=None)
+    nodes = [live.node(f, implementation=None, width=width) for f in (1.0, 0.5)]
+
+    def close(lm: LazyModel) -> None:
+        with torch.no_grad():
+            want = full.model(PROMPT).logits.float()
+            got = lm.model(PROMPT).logits.float()
+        assert not torch.equal(got, want)
+        assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+
+    before = []
+    for lm, _ in nodes:
+        close(lm)
+        assert lm.loader.width == width
+        before.append(logits(lm))
+    v2 = live.bump(experts=((0, 0), (1, 2)))
+    for _, sw in [(full, full_sw), *nodes]:
+        assert sw.wait_for_version(v2, 10)
+    for (lm, sw), old in zip(nodes, before, strict=True):
+        assert logits(lm) != old  # the new experts' variants arrived
+        close(lm)
+        assert sw.status().errors == 0
+        st = lm.loader.stats()
+        assert st.resident_bytes <= lm.loader.budget_bytes
 
 
 @pytest.mark.parametrize("live", ["mixtral-bfloat16"], indirect=True)
