@@ -31,6 +31,7 @@ COMMANDS = [
     "fed-data",
     "fed-app",
     "federate",
+    "check-variant",
 ]
 
 
@@ -337,3 +338,37 @@ def test_fed_data_and_fed_app_write_a_task_and_a_flower_app(tmp_path: Path) -> N
     assert p.returncode == 4 and "needs dense updates" in p.stderr
     p = cli("fed-data", str(tmp_path / "t2"), "--institutions", "../x")
     assert p.returncode == 4 and "invalid institution" in p.stderr
+
+
+def test_check_variant_measures_a_variant_on_text(tmp_path: Path) -> None:
+    """`check-variant` serves the model at full width and as its fp8 and int8
+    experts, measures them on held-out text with the model's tokenizer, and
+    exits 1 when the variant is worse than the thresholds asked for."""
+    from fed_clients.task import make_task, write_initial_checkpoint
+    from param_server.launch.daemon import spawn_daemon
+    from param_server.store import Store
+    from param_server.store.checkpoints import import_checkpoint
+    from tests.unit.test_text_data import _docs, _tokenizer_files
+
+    task = make_task(tmp_path / "task", ("a",), train_docs=8, test_docs=4)
+    ckpt = write_initial_checkpoint(
+        task, tmp_path / "ckpt", dtype="bfloat16", hidden=32
+    )
+    for name, data in _tokenizer_files(tmp_path).items():
+        (ckpt / name).write_bytes(data)
+    import_checkpoint(Store(tmp_path / "store"), ckpt, "m")
+    text = tmp_path / "held.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(20)))
+    with spawn_daemon(tmp_path / "store") as d:
+        args = ("check-variant", "m", "--text", str(text), "--seq-len", "16")
+        for width in ("fp8", "int8"):
+            p = cli(*args, "--width", width, "--server", d.target, "--json")
+            assert p.returncode in (0, 1), p.stderr
+            q = json.loads(p.stdout)
+            assert q["width"] == width and q["tokens"] > 0
+            assert 0 < q["kl"] < 0.05 and q["top1"] > 0.8
+            assert q["expert_bytes_variant"] < q["expert_bytes_full"]
+            assert q["ok"] == (p.returncode == 0)
+        strict = cli(*args, "--max-kl", "0", "--server", d.target)
+        assert strict.returncode == 1 and "FAILED" in strict.stdout
+        assert "KL" in strict.stdout and "top-1 agreement" in strict.stdout
