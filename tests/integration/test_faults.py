@@ -21,6 +21,7 @@ def test_daemon_sigkilled_during_commits_keeps_every_acknowledged_version(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 200 daemon starts: ~4 min on 2 cores; a hang guard
 def test_daemon_sigkilled_200_times(tmp_path: Path) -> None:
     r = faults.daemon_kills(tmp_path, kills=200, seed=12)
     assert r.violations == []
