@@ -122,8 +122,13 @@ def dequantize(qz: Quantized, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = q * qz.scales[:, None]
     elif qz.kind == FP8:
         rows, cols = q.shape
-        s = qz.scales.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
-        w = q * s[:rows, :cols]
+        br, bc = qz.scales.shape
+        if rows == br * FP8_BLOCK and cols == bc * FP8_BLOCK:  # whole blocks
+            blocks = q.view(br, FP8_BLOCK, bc, FP8_BLOCK)
+            w = (blocks * qz.scales[:, None, :, None]).view(rows, cols)
+        else:
+            s = qz.scales.repeat_interleave(FP8_BLOCK, 0)
+            w = q * s.repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
     else:
         raise InvalidInputError(f"unknown quantization {qz.kind!r}")
     return w.to(dtype or qz.dtype).reshape(shape)

@@ -92,3 +92,10 @@ def test_widths() -> None:
     assert check_width("fp8") == "fp8"
     with pytest.raises(InvalidInputError, match="unknown width 'fp4'"):
         check_width("fp4")
+
+
+def test_fp8_whole_blocks_take_the_fast_path_with_the_same_result() -> None:
+    w = torch.randn(256, 384, generator=torch.Generator().manual_seed(3))
+    qz = quantize(w, FP8)
+    per_element = qz.scales.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    assert torch.equal(dequantize(qz), qz.values.float() * per_element)
