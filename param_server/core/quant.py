@@ -29,11 +29,10 @@ from safetensors.torch import save as _st_save
 from param_server.core.errors import InvalidInputError
 from param_server.core.safetensors_format import parse_header
 from param_server.core.tensor_codec import DTYPE_NAMES, DTYPES, decode
+from param_server.core.widths import FP8, INT8, WIDTHS, check_width
 
-INT8 = "int8"
-FP8 = "fp8"
-WIDTHS = ("full", INT8, FP8)
-"""What a node can ask for: the stored width, or one of the 8-bit variants."""
+__all__ = ["FP8", "INT8", "WIDTHS", "Quantized", "check_width", "dequantize"]
+
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_BLOCK = 128
@@ -58,14 +57,6 @@ class Quantized:
             self.values.numel() * self.values.element_size()
             + self.scales.numel() * self.scales.element_size()
         )
-
-
-def check_width(width: str) -> str:
-    if width not in WIDTHS:
-        raise InvalidInputError(
-            f"unknown width {width!r}; choose one of {', '.join(WIDTHS)}"
-        )
-    return width
 
 
 def _matrix(w: torch.Tensor, what: str) -> torch.Tensor:

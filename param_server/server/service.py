@@ -32,7 +32,7 @@ from param_server.api.convert import (
 )
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
-from param_server.core import quant
+from param_server.core import widths
 from param_server.core.announcements import redact
 from param_server.core.auth import Role, read_pem
 from param_server.core.errors import (
@@ -316,7 +316,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
     ) -> Iterator[bytes]:
         """Yields serialised FetchChunk messages (see create_server for why)."""
         m = self.store.get_manifest(request.model, request.version or None)
-        width = quant.check_width(request.width or "full")
+        width = widths.check_width(request.width or "full")
         wanted: list[tuple[str, str, int, bool]] = []
         for key in request.shard_keys:
             entry = m.shards.get(check_shard_key(key))
@@ -370,7 +370,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         self, request: pb.GetVariantsRequest, context: Any
     ) -> pb.GetVariantsResponse:
         m = self.store.get_manifest(request.model, request.version or None)
-        width = quant.check_width(request.width)
+        width = widths.check_width(request.width)
         if width == "full":
             raise InvalidInputError(
                 "width 'full' has no variants: fetch the shards themselves"

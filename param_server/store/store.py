@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from param_server.core import quant, tensor_codec
+from param_server.core import widths
 from param_server.core.blob_layout import STORE_ID_FILE, blob_path
 from param_server.core.errors import (
     IntegrityError,
@@ -545,8 +545,8 @@ class Store:
             NotFoundError, IntegrityError: the source is missing or corrupt.
         """
         check_digest(digest)
-        if kind not in (quant.INT8, quant.FP8):
-            quant.check_width(kind)
+        if kind not in (widths.INT8, widths.FP8):
+            widths.check_width(kind)
             raise InvalidInputError(f"the stored width has no variant ({kind!r})")
         record = self._variant_record(kind, digest)
         with contextlib.suppress(FileNotFoundError, ValueError):
@@ -558,6 +558,11 @@ class Store:
                 logger.warning(
                     "variant %s of %s is gone or corrupt; remaking it", kind, digest
                 )
+        # torch only here: a store that makes no variants never imports it.
+
+        # torch only here: a store that makes no variants never imports it.
+        from param_server.core import quant, tensor_codec
+
         source = self.verify_blob(digest)
         tensors = tensor_codec.decode(source.read_bytes(), f"blob {digest}")
         data = quant.encode_variant(tensors, kind, digest)

@@ -99,3 +99,19 @@ def test_fp8_whole_blocks_take_the_fast_path_with_the_same_result() -> None:
     qz = quantize(w, FP8)
     per_element = qz.scales.repeat_interleave(128, 0).repeat_interleave(128, 1)
     assert torch.equal(dequantize(qz), qz.values.float() * per_element)
+
+
+def test_the_daemon_and_the_store_import_without_torch() -> None:
+    """The daemon starts (and a crashed one restarts) without torch's import
+    time: only making a variant needs it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, param_server.server.service, param_server.store, "
+        "param_server.cli.serve; print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
