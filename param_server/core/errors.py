@@ -168,4 +168,8 @@ def kind_for(status: str, name: str | None) -> ErrorKind:
     daemon sent, else by status (UNAVAILABLE from the transport, say)."""
     if name is not None and name in _BY_NAME:
         return _BY_NAME[name]
+    if status == "CANCELLED":
+        # Our clients never cancel their own calls: the server (shutting
+        # down) or a proxy between did, so it is an outage, retried.
+        return _BY_NAME[UnavailableError.__name__]
     return _BY_STATUS.get(status, ERRORS[-1])

@@ -349,6 +349,7 @@ def test_server_restart_nodes_serve_from_cache_and_converge(
     port = free_port()
     daemon = spawn_daemon(root, redis_url=redis_srv.url, port=port)
     c = ParamClient(daemon.target, same_host=False, retries=1, backoff=0.05)
+    sw = None
     try:
         lm = load_lazy_model(c, MODEL, budget_bytes=10**9)
         everything = [(layer, e) for layer in range(2) for e in range(4)]
@@ -372,9 +373,10 @@ def test_server_restart_nodes_serve_from_cache_and_converge(
         daemon = spawn_daemon(root, redis_url=redis_srv.url, port=port)
         assert sw.wait_for_version(v2, 10)
         assert logits(lm) != before
-        sw.stop()
-        lm.close()
     finally:
+        if sw is not None:
+            sw.stop()
+            sw.lazy.close()
         c.close()
         daemon.stop()
 

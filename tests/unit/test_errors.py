@@ -56,6 +56,9 @@ def test_without_the_name_the_status_decides() -> None:
     # e.g. UNAVAILABLE from the transport itself, or an older daemon.
     assert kind_for("UNAVAILABLE", None).error.__name__ == "UnavailableError"
     assert kind_for("UNAVAILABLE", None).retryable
+    # A call the server cancelled (it was shutting down) is an outage too.
+    assert kind_for("CANCELLED", None).error.__name__ == "UnavailableError"
+    assert kind_for("CANCELLED", None).retryable
     assert kind_for("INVALID_ARGUMENT", None).error.__name__ == "InvalidInputError"
     assert kind_for("INVALID_ARGUMENT", "NotAnError").error.__name__ == (
         "InvalidInputError"
