@@ -65,6 +65,11 @@ class CacheStats:
     """Misses served from the host tier (a copy to the device, no fetch)."""
     host_bytes: int = 0
     """Bytes of prepared experts kept in the host tier."""
+    steps_on_map: int = 0
+    """Pooled layer steps whose routed experts were all mapped (no lookup)."""
+    steps_redone: int = 0
+    """Layer steps launched on the map ahead of the lookup and run again
+    because an expert was not mapped (see `hold_mapped`)."""
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
     resident_experts: int = 0
@@ -207,6 +212,23 @@ class LazyExpertLoader:
         self.pool = pool if isinstance(pool, ExpertPool) else None
         self.pools = pool if isinstance(pool, dict) else None
         self._flying: dict[int, int] = {}  # layer -> flights bound for its pool
+        # Each pooled layer's map expert -> slot on the device, and what it
+        # holds: an expert is *mapped* once its slot is written into the map
+        # with the compute stream ordered after its copy, until it leaves
+        # the slot (evicted, or a version switch). A step whose routed
+        # experts are all mapped runs on the map with no further lookup
+        # (`hold_mapped`); the epoch counts unmappings, so a step launched
+        # on the map before knowing its experts can tell whether the map it
+        # read is still true.
+        self._maps: dict[int, torch.Tensor] = {}
+        self._mapped: dict[int, dict[int, tuple[int, str]]] = {}
+        self._slot_experts: dict[int, dict[int, set[int]]] = {}
+        self._map_epoch: dict[int, int] = {}
+        self.launch_ahead = self._cuda
+        """Launch a pooled step on the map before its routed experts are
+        known on the host, then check (see `loaders.models`): on CUDA the
+        kernels then run while the host looks the experts up; on the CPU it
+        would compute before knowing whether the result can be kept."""
         # The host tier: prepared experts in page-locked memory, verified, so
         # that a device miss costs a host-to-device copy, not a fetch.
         if host_budget_bytes is None:
@@ -590,9 +612,118 @@ class LazyExpertLoader:
         self._policy.removed(digest)
         self._resident -= entry.nbytes
         if entry.slot is not None:
+            self._unmap(entry.layer, entry.slot)
             pool = self._pool_of(entry.layer)
             assert pool is not None
             pool.give(entry.slot, entry.released)
+
+    def _unmap(self, layer: int, slot: int) -> None:
+        """The experts mapped to `slot` of `layer` are no longer there. Needs
+        the lock."""
+        gone = self._slot_experts.get(layer, {}).pop(slot, None)
+        if gone:
+            mapped = self._mapped[layer]
+            for e in gone:
+                mapped.pop(e, None)
+            self._map_epoch[layer] = self._map_epoch.get(layer, 0) + 1
+
+    def _unmap_all(self) -> None:
+        """Forgets every mapping (a version switch). Needs the lock."""
+        for layer in self._mapped:
+            self._mapped[layer].clear()
+            self._slot_experts[layer].clear()
+            self._map_epoch[layer] = self._map_epoch.get(layer, 0) + 1
+
+    def map_epoch(self, layer: int) -> int:
+        """How many times an expert of `layer` left the map so far."""
+        return self._map_epoch.get(layer, 0)
+
+    def device_map(self, layer: int, num_experts: int) -> torch.Tensor:
+        """`layer`'s map expert id -> pool slot on the device (every entry is
+        a valid slot; only mapped experts' entries are theirs)."""
+        table = self._maps.get(layer)
+        if table is None:
+            table = torch.zeros(num_experts, dtype=torch.long, device=self.device)
+            self._maps[layer] = table
+            with self._lock:
+                self._mapped.setdefault(layer, {})
+                self._slot_experts.setdefault(layer, {})
+        return table
+
+    def map_slots(
+        self, layer: int, slots: dict[int, int], num_experts: int
+    ) -> torch.Tensor:
+        """Writes `slots` (experts held now, see `acquire_slots`) into the
+        layer's device map and returns it; they are mapped from now on. Only
+        experts whose slot changed cost a write, queued on the current
+        stream like the kernels that read the map (after the wait for their
+        copies, which `acquire_slots` queued)."""
+        table = self.device_map(layer, num_experts)
+        with self._lock:
+            mapped = self._mapped[layer]
+            owners = self._slot_experts[layer]
+            moved = [e for e, s in slots.items() if mapped.get(e, (-1, ""))[0] != s]
+            for e in moved:
+                old = mapped.get(e)
+                if old is not None:
+                    owners[old[0]].discard(e)
+                mapped[e] = (slots[e], self._digest(layer, e)[1])
+                owners.setdefault(slots[e], set()).add(e)
+        if moved:
+            at = torch.tensor(moved, dtype=torch.long)
+            to = torch.tensor([slots[e] for e in moved], dtype=torch.long)
+            table[at.to(self.device, non_blocking=True)] = to.to(
+                self.device, non_blocking=True
+            )
+        return table
+
+    @contextlib.contextmanager
+    def hold_mapped(
+        self, layer: int, experts: Sequence[int], epoch: int | None = None
+    ) -> Iterator[bool]:
+        """Holds `experts` of `layer` while the block runs and yields True when
+        every one is mapped (a hit each); yields False, holding and counting
+        nothing, when one is not. With `epoch` (`map_epoch` read before the
+        step was launched on the map), also False when an expert left the
+        map since: the map the step read may have been stale. On CUDA the
+        slots are not rewritten before the work queued until the block ends."""
+        digests: list[str] = []
+        with self._lock:
+            mapped = self._mapped.get(layer)
+            ok = mapped is not None and (
+                epoch is None or self._map_epoch.get(layer, 0) == epoch
+            )
+            if ok:
+                assert mapped is not None
+                for e in experts:
+                    got = mapped.get(e)
+                    if got is None:
+                        ok = False
+                        break
+                    digests.append(got[1])
+            if ok:
+                for d in digests:
+                    entry = self._entries[d]
+                    if entry.ready is not None:
+                        if not entry.ready.query():  # type: ignore[no-untyped-call]
+                            ok = False  # copied for another stream: look it up
+                            break
+                        entry.ready = None
+            if ok:
+                for d in digests:
+                    self._entries[d].refs += 1
+                    self._policy.used(d)
+                self._stats.hits += len(digests)
+                self._stats.steps_on_map += 1
+            elif epoch is not None:
+                self._stats.steps_redone += 1
+        if not ok:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._release(digests)
 
     @contextlib.contextmanager
     def acquire_slots(
@@ -600,11 +731,14 @@ class LazyExpertLoader:
     ) -> Iterator[dict[int, int] | None]:
         """Holds `experts` of `layer` resident while the block runs, like
         `acquire`, and yields each one's pool slot; None when one of them is
-        not in the pool (brought in over the budget)."""
+        not in the pool (brought in over the budget) or in another layer's
+        pool (the same bytes as an expert of another layer: one entry)."""
         with self.acquire(layer, experts):
             with self._lock:
+                entries = [self._entries[self._digest(layer, e)[1]] for e in experts]
                 slots = {
-                    e: self._entries[self._digest(layer, e)[1]].slot for e in experts
+                    e: en.slot if self.pools is None or en.layer == layer else None
+                    for e, en in zip(experts, entries, strict=True)
                 }
             if any(s is None for s in slots.values()):
                 yield None
@@ -847,6 +981,7 @@ class LazyExpertLoader:
             if self._slots is not None:
                 self._repoint(manifest)
             self.manifest = manifest
+            self._unmap_all()
             for layer, e in self._pinned_keys:
                 key = expert_key(layer, e)
                 if key in manifest.shards:
@@ -942,6 +1077,8 @@ class LazyExpertLoader:
                         "predicted_routed",
                         "routed_after_prediction",
                         "host_hits",
+                        "steps_on_map",
+                        "steps_redone",
                         "peak_resident_bytes",
                     )
                 }

@@ -112,22 +112,51 @@ def pooled_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """transformers' own experts implementation on the loader's pool: the
-    routed experts are brought into slots and their ids replaced by their
-    slots through a map kept on the device (one small host synchronisation
-    per layer, to learn the ids; the next layer's prediction rides on it). A
-    step that routes to more experts than the pool holds runs them in groups
-    that fit, one after another; the eager loop runs only when a group
-    cannot get its slots (experts pinned or brought in over the budget)."""
+    """transformers' own experts implementation on the loader's pool: routed
+    expert ids are replaced by their slots through a map kept on the device
+    (see `LazyExpertLoader.map_slots`).
+
+    When every routed expert is mapped already (the common step), that is
+    all: on CUDA the step is launched on the map first, and the host then
+    learns the routed experts (a copy of the router's output, the only wait:
+    the experts' kernels are queued behind it and run meanwhile) and keeps
+    the result when each one was mapped and the map unchanged since the
+    launch. Otherwise the routed experts are brought into slots and the step
+    runs on them (a launched result is dropped). A step that routes to more
+    experts than the pool holds runs them in groups that fit, one after
+    another; the eager loop runs only when a group cannot get its slots
+    (experts pinned or brought in over the budget)."""
     loader: LazyExpertLoader = self._lazy_loader  # type: ignore[assignment]
     layer: int = self._lazy_layer  # type: ignore[assignment]
     inner: Callable[..., torch.Tensor] = self._lazy_inner  # type: ignore[assignment]
-    ids, predicted, likeliest = _routed_and_predicted(self, hidden_states, top_k_index)
-    guess: list[int] | None = self.__dict__.pop("_lazy_predicted", None)
-    if guess is not None:
-        loader.note_prediction(len(guess), len(set(guess) & set(ids)), len(ids))
-    if predicted is not None:
-        self._lazy_ahead[2].__dict__["_lazy_predicted"] = predicted  # type: ignore[index]
+    num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
+    likeliest: list[int] = []
+    if "_lazy_ahead" not in self.__dict__ and loader.launch_ahead:
+        epoch = loader.map_epoch(layer)
+        table = loader.device_map(layer, num_experts)
+        host, copied = _routed_to_host(top_k_index)
+        out = inner(self, hidden_states, table[top_k_index], top_k_weights)
+        if copied is not None:
+            copied.synchronize()
+        ids = torch.unique(host).tolist()
+        with loader.hold_mapped(layer, ids, epoch) as hit:
+            if hit:
+                return out
+    else:
+        ids, predicted, likeliest = _routed_and_predicted(
+            self, hidden_states, top_k_index
+        )
+        guess: list[int] | None = self.__dict__.pop("_lazy_predicted", None)
+        if guess is not None:
+            loader.note_prediction(len(guess), len(set(guess) & set(ids)), len(ids))
+        if predicted is not None:
+            self._lazy_ahead[2].__dict__["_lazy_predicted"] = predicted  # type: ignore[index]
+        with loader.hold_mapped(layer, ids) as hit:
+            if hit:
+                if likeliest:
+                    _prefetch_ahead(self, likeliest)
+                table = loader.device_map(layer, num_experts)
+                return inner(self, hidden_states, table[top_k_index], top_k_weights)
     room = loader.pool_room(layer)
     if len(ids) <= room:
         with loader.acquire_slots(layer, ids) as slots:
@@ -136,36 +165,28 @@ def pooled_experts_forward(
                     # This layer's experts are held: the prefetch cannot evict
                     # them, and its copies run while this layer computes.
                     _prefetch_ahead(self, likeliest)
-                table = _slot_map(self, slots, top_k_index.device)
+                table = loader.map_slots(layer, slots, num_experts)
                 return inner(self, hidden_states, table[top_k_index], top_k_weights)
     elif room > 0:
-        out = _in_groups(self, hidden_states, top_k_index, top_k_weights, ids, room)
-        if out is not None:
-            return out
+        grouped = _in_groups(self, hidden_states, top_k_index, top_k_weights, ids, room)
+        if grouped is not None:
+            return grouped
     return lazy_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-def _slot_map(
-    self: nn.Module, slots: dict[int, int], device: torch.device
-) -> torch.Tensor:
-    """The layer's map expert id -> pool slot, on `device`, updated for
-    `slots` (experts held now). It lives on the device with a host mirror,
-    so only experts that moved since the last step cost a write, queued on
-    the current stream like the kernels that read the map."""
-    table: torch.Tensor | None = self.__dict__.get("_lazy_map")
-    mirror: dict[int, int] = self.__dict__.setdefault("_lazy_mirror", {})
-    if table is None or table.device != device:
-        num_experts: int = self._lazy_num_experts  # type: ignore[assignment]
-        table = torch.zeros(num_experts, dtype=torch.long, device=device)
-        self.__dict__["_lazy_map"] = table
-        mirror.clear()
-    moved = [e for e, s in slots.items() if mirror.get(e) != s]
-    if moved:
-        at = torch.tensor(moved, dtype=torch.long)
-        table[at.to(device)] = torch.tensor([slots[e] for e in moved]).to(device)
-        for e in moved:
-            mirror[e] = slots[e]
-    return table
+def _routed_to_host(
+    top_k_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of the routed expert ids, queued now on the current stream
+    (into page-locked memory, so the host does not wait), and the event to
+    wait for before reading it (None off CUDA: the tensor itself)."""
+    if not top_k_index.is_cuda:
+        return top_k_index, None
+    host = torch.empty(top_k_index.shape, dtype=top_k_index.dtype, pin_memory=True)
+    host.copy_(top_k_index, non_blocking=True)
+    copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    copied.record()
+    return host, copied
 
 
 def _routed_and_predicted(
@@ -264,7 +285,7 @@ def _in_groups(
         with loader.acquire_slots(layer, members) as slots:
             if slots is None:
                 return None
-            table = _slot_map(self, slots, device)
+            table = loader.map_slots(layer, slots, num_experts)
             if every_row:  # rows of other groups: computed, not kept
                 out = inner(
                     self,

@@ -678,6 +678,109 @@ def test_the_next_layers_experts_are_prefetched_while_a_layer_computes(
         lm.close()
 
 
+@pytest.mark.parametrize(
+    "model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"]
+)
+def test_steps_launched_on_the_map_ahead_of_the_lookup_equal_the_resident_model(
+    tmp_path: Path, checkpoints: dict[str, Checkpoint], model_type: str
+) -> None:
+    """As on CUDA, each layer step is launched on the device map before the
+    host knows its experts, then kept (all mapped) or run again (forced on
+    here: on the CPU it is off by default). Half the experts fit: decoding
+    keeps some steps and redoes others, and the tokens and logits are the
+    resident model's in every family, at a quarter of the experts too."""
+    path = _family_checkpoint(tmp_path, checkpoints, model_type)
+    import_checkpoint(Store(tmp_path / "s"), path, model_type)
+    srv, port, _ = create_server(
+        ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
+    )
+    srv.start()
+    args = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    try:
+        with ParamClient(f"127.0.0.1:{port}") as c:
+            ref = eager(path, "grouped_mm")
+            with torch.no_grad():
+                want_tokens = ref.generate(PROMPT[:1, :4], **args)
+                want_logits = ref(PROMPT).logits
+            for fraction in (0.5, 0.25):
+                lm = lazy(c, model_type, fraction, "grouped_mm", prefetch=False)
+                try:
+                    assert lm.loader.pools is not None
+                    assert not lm.loader.launch_ahead  # the CPU default
+                    lm.loader.launch_ahead = True
+                    with torch.no_grad():
+                        got = lm.model.generate(PROMPT[:1, :4], **args)
+                        assert torch.equal(want_tokens, got), fraction
+                        assert torch.equal(want_logits, lm.model(PROMPT).logits)
+                    st = lm.loader.stats()
+                    assert st.peak_resident_bytes <= lm.loader.budget_bytes
+                    if fraction == 0.5:
+                        assert st.steps_on_map > 0 and st.steps_redone > 0
+                finally:
+                    lm.close()
+    finally:
+        srv.stop(0)
+
+
+def test_the_device_map_holds_only_experts_still_in_their_slots(
+    client: ParamClient,
+) -> None:
+    """An expert is mapped once its slot is written into the layer's device
+    map, and unmapped when it leaves the slot (evicted, or a version switch);
+    a step launched before an unmapping is told to run again."""
+    from loaders.pool import ExpertPool
+
+    tag = "qwen3_moe-float32"
+    m = client.get_manifest(tag)
+    key = "layers.0.experts.1"
+    t = client.fetch_shards(tag, [key], manifest=m)[key]
+    shapes = {n: tuple(x.shape) for n, x in by_expert_suffix(t).items()}
+    pool = ExpertPool(shapes, 2, dtype=torch.float32, device="cpu")
+
+    def prepare(layer: int, e: int, ts: dict[str, torch.Tensor], pin: bool):  # type: ignore[no-untyped-def]
+        return {n: x.clone() for n, x in by_expert_suffix(ts).items()}
+
+    loader = LazyExpertLoader(
+        client,
+        m,
+        budget_bytes=2 * expert_sizes(client, tag)[1],
+        pool={0: pool},
+        prepare=prepare,
+    )
+    try:
+        with loader.hold_mapped(0, [0]) as hit:
+            assert not hit  # nothing mapped yet
+        with loader.acquire_slots(0, [0, 1]) as slots:
+            assert slots is not None
+            table = loader.map_slots(0, slots, 4)
+        assert [int(table[e]) for e in (0, 1)] == [slots[0], slots[1]]
+        hits = loader.stats().hits
+        with loader.hold_mapped(0, [0, 1]) as hit:
+            assert hit
+        with loader.hold_mapped(0, [1, 2]) as hit:
+            assert not hit  # expert 2 is not mapped: nothing held or counted
+        st = loader.stats()
+        assert st.hits == hits + 2 and st.steps_on_map == 1 and st.steps_redone == 0
+        epoch = loader.map_epoch(0)
+        with loader.acquire_slots(0, [2]):  # the pool is full: one leaves
+            pass
+        assert loader.map_epoch(0) > epoch
+        with loader.hold_mapped(0, [0], epoch) as hit:
+            assert not hit  # the map read at `epoch` may be stale
+        assert loader.stats().steps_redone == 1
+        with loader.acquire_slots(0, [0]) as slots:
+            assert slots is not None
+            loader.map_slots(0, slots, 4)
+        with loader.hold_mapped(0, [0], loader.map_epoch(0)) as hit:
+            assert hit
+        v2 = client.commit(tag, m.version, {key: {n: x * 3 for n, x in t.items()}})
+        loader.switch(v2.manifest)
+        with loader.hold_mapped(0, [0]) as hit:
+            assert not hit  # a switch unmaps every expert
+    finally:
+        loader.close()
+
+
 def test_a_new_versions_experts_move_into_the_slots_the_switch_frees(
     client: ParamClient,
 ) -> None:
