@@ -12,11 +12,12 @@ Adding a model family means adding a row to FAMILIES in param_server.core.shards
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,7 @@ def pooled_experts_forward(
         if copied is not None:
             copied.synchronize()
         ids = torch.unique(host).tolist()
+        _score_the_guess(self, loader, ids)
         with loader.hold_mapped(layer, ids, epoch) as hit:
             if hit:
                 return out
@@ -146,9 +148,7 @@ def pooled_experts_forward(
         ids, predicted, likeliest = _routed_and_predicted(
             self, hidden_states, top_k_index
         )
-        guess: list[int] | None = self.__dict__.pop("_lazy_predicted", None)
-        if guess is not None:
-            loader.note_prediction(len(guess), len(set(guess) & set(ids)), len(ids))
+        _score_the_guess(self, loader, ids)
         if predicted is not None:
             self._lazy_ahead[2].__dict__["_lazy_predicted"] = predicted  # type: ignore[index]
         with loader.hold_mapped(layer, ids) as hit:
@@ -172,6 +172,13 @@ def pooled_experts_forward(
         if grouped is not None:
             return grouped
     return lazy_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _score_the_guess(self: nn.Module, loader: LazyExpertLoader, ids: list[int]) -> None:
+    """Counts how well the previous layer predicted this layer's experts."""
+    guess: list[int] | None = self.__dict__.pop("_lazy_predicted", None)
+    if guess is not None:
+        loader.note_prediction(len(guess), len(set(guess) & set(ids)), len(ids))
 
 
 def _routed_to_host(
@@ -528,6 +535,10 @@ def load_lazy_model(
         for module in net.modules():
             if hasattr(module, "_lazy_loader"):
                 module.config._experts_implementation = name
+        if pools is not None:
+            _follow_the_decode_switch(
+                net, list(moe_layers.values()), torch.device(device)
+            )
     logger.info(
         "lazy model %s@%d on %s, expert budget %d bytes (%s), experts run %s",
         model,
@@ -540,6 +551,41 @@ def load_lazy_model(
         runs,
     )
     return LazyModel(net, loader, manifest, family, shapes, runs)
+
+
+def _follow_the_decode_switch(
+    net: nn.Module, modules: list[nn.Module], device: torch.device
+) -> None:
+    """Makes `generate` switch the pooled layers' implementation for decoding
+    as it switches a resident model's: transformers runs `batched_mm` instead
+    of `grouped_mm` while decoding on a device other than the CPU (faster on
+    a few tokens), by renaming the configured implementation, which a pooled
+    model does not carry (its layers run `param_server_pooled`, with the
+    stock implementation inside). Without this the lazy model would decode
+    with another kernel than the resident one, slower and not bit-equal."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    original = getattr(net, "_optimize_model_for_decode", None)
+    if original is None:  # a transformers without the switch
+        return
+    grouped = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    batched = ALL_EXPERTS_FUNCTIONS["batched_mm"]
+
+    @contextlib.contextmanager
+    def optimize_for_decode() -> Iterator[None]:
+        swap = []
+        if device.type != "cpu":
+            swap = [m for m in modules if m.__dict__["_lazy_inner"] is grouped]
+        with original():
+            for m in swap:
+                m.__dict__["_lazy_inner"] = batched
+            try:
+                yield
+            finally:
+                for m in swap:
+                    m.__dict__["_lazy_inner"] = grouped
+
+    net.__dict__["_optimize_model_for_decode"] = optimize_for_decode
 
 
 def _link_ahead(

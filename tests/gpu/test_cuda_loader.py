@@ -127,6 +127,14 @@ def test_cuda_prefetch_brings_the_next_layers_experts_in(
         st = lm.loader.stats()
         assert st.prefetched > 0 and st.routed_after_prediction > 0
         assert st.peak_resident_bytes <= lm.loader.budget_bytes
+        # generate decoded with batched_mm, as it does the resident model
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        layers = [m for m in lm.model.modules() if "_lazy_inner" in m.__dict__]
+        with lm.model._optimize_model_for_decode():
+            assert all(
+                m._lazy_inner is ALL_EXPERTS_FUNCTIONS["batched_mm"] for m in layers
+            )
         lm.close()
 
 

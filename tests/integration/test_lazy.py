@@ -722,6 +722,32 @@ def test_steps_launched_on_the_map_ahead_of_the_lookup_equal_the_resident_model(
         srv.stop(0)
 
 
+def test_generate_decodes_pooled_layers_with_the_kernel_a_resident_model_gets(
+    client: ParamClient,
+) -> None:
+    """transformers' generate decodes with batched_mm instead of grouped_mm
+    on a GPU (by renaming the model's implementation); a pooled model's
+    layers follow it there, and nowhere else."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from loaders.models import _follow_the_decode_switch
+
+    grouped = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    batched = ALL_EXPERTS_FUNCTIONS["batched_mm"]
+    lm = lazy(client, "qwen3_moe-float32", 0.5, "grouped_mm")
+    try:
+        layers = [m for m in lm.model.modules() if "_lazy_inner" in m.__dict__]
+        assert len(layers) == 2
+        with lm.model._optimize_model_for_decode():
+            assert all(m._lazy_inner is grouped for m in layers)  # on the CPU
+        _follow_the_decode_switch(lm.model, layers, torch.device("cuda"))
+        with lm.model._optimize_model_for_decode():
+            assert all(m._lazy_inner is batched for m in layers)  # as on a GPU
+        assert all(m._lazy_inner is grouped for m in layers)
+    finally:
+        lm.close()
+
+
 def test_the_device_map_holds_only_experts_still_in_their_slots(
     client: ParamClient,
 ) -> None:
