@@ -12,7 +12,7 @@ experts implementation (`grouped_mm` where it runs), and `load_lazy_model`
 at each budget. At 100 % every expert sits in its slot of the model's own
 parameters and the same implementation runs; below, experts come on demand
 into a pool, in each of the --variants: `default` (same-host path, host
-tier, layer-ahead prefetch on CUDA only), `prefetch` and `no-prefetch`
+tier, no layer-ahead prefetch), `prefetch` and `no-prefetch`
 (forced on or off), `no-host-tier`, `grpc` (experts over gRPC instead of
 the same-host path) and `grpc-no-host-tier`. Tokens/s,
 the ratio to resident, device and host-tier hit rates, prefetch recall and
@@ -140,7 +140,7 @@ def top_quarter_share(model: nn.Module, prompt: torch.Tensor, experts: int) -> f
 
 VARIANTS: dict[str, tuple[bool, bool, bool | None]] = {
     # name: (same-host path, host tier on, layer-ahead prefetch; None: the
-    # library's default, on with CUDA and off on the CPU)
+    # library's default, off)
     "default": (True, True, None),
     "prefetch": (True, True, True),
     "no-prefetch": (True, True, False),

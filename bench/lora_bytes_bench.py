@@ -20,6 +20,7 @@ institution with a GPU trains a bf16 model by default).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import tempfile
@@ -31,7 +32,17 @@ from safetensors.torch import load_file
 
 from fed_clients.lora import LoRAConfig
 from fed_clients.train import TrainConfig, train_local
-from param_server.federation import wire
+
+try:  # the bytes of an array in a Flower message
+    from param_server.federation import wire
+
+    def sent_bytes(t: torch.Tensor) -> int:
+        return len(wire.to_array(t).data)
+
+except ImportError:  # no Flower here (a GPU machine): the same raw bytes
+
+    def sent_bytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
 
 
 def main() -> None:
@@ -48,6 +59,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--timed-steps",
+        type=int,
+        default=0,
+        help="also time this many more local steps per update mode (each run "
+        "again with 1 + N steps; the difference over N is one step's time)",
+    )
     args = ap.parse_args()
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -78,7 +96,6 @@ def main() -> None:
     per_expert = sum(
         received[k].numel() * received[k].element_size() for k in expert_keys
     ) // (args.experts * args.layers)
-    data = torch.randint(0, args.vocab, (args.batch * 2, args.seq_len))
     train = TrainConfig(
         steps=1, batch_size=args.batch, lr=1e-3, seed=1, device=args.device
     )
@@ -90,15 +107,33 @@ def main() -> None:
         f"torch {torch.__version__}",
         flush=True,
     )
+    data = torch.randint(
+        0, args.vocab, (args.batch * (2 + args.timed_steps), args.seq_len)
+    )
+    longer = dataclasses.replace(train, steps=1 + args.timed_steps)
+
+    def step_s(lora: LoRAConfig | None) -> float:
+        """Seconds of one local step: 1 + N steps less 1 step, over N."""
+        if not args.timed_steps:
+            return float("nan")
+        t = time.perf_counter()
+        train_local(config_json, received, data, train, lora=lora)
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        train_local(config_json, received, data, longer, lora=lora)
+        return float((time.perf_counter() - t - one) / args.timed_steps)
+
     rows = []
+    steps = []
     t = time.perf_counter()
     full = train_local(config_json, received, data, train)
     full_s = time.perf_counter() - t
     sent = [k for k in received if not torch.equal(full.tensors[k], received[k])]
-    full_bytes = sum(len(wire.to_array(full.tensors[k]).data) for k in sent)
+    full_bytes = sum(sent_bytes(full.tensors[k]) for k in sent)
     touched = sum(1 for k in sent if ".experts." in k) // 3
     rows.append(("whole experts (sparse)", touched, full_bytes, full_s))
     del full
+    steps.append(step_s(None))
     for rank in [int(r) for r in args.ranks.split(",")]:
         t = time.perf_counter()
         out = train_local(
@@ -110,22 +145,25 @@ def main() -> None:
         )
         dt = time.perf_counter() - t
         nbytes = sum(
-            len(wire.to_array(x.to(received[k].dtype)).data)
+            sent_bytes(x.to(received[k].dtype))
             for k, (a, b) in out.adapters.items()
             for x in (a, b)
         )
         rows.append((f"LoRA rank {rank}", len(out.adapters) // 3, nbytes, dt))
+        del out
+        steps.append(step_s(LoRAConfig(rank=rank, alpha=2.0 * rank)))
     print(
         "| update | experts sent | bytes sent | ÷ whole experts | "
-        "train_local s (build, 1 step, update) |"
+        "train_local s (build, 1 step, update) | one step s | ÷ whole |"
     )
-    print("|---|---|---|---|---|")
-    for name, n, nbytes, dt in rows:
+    print("|---|---|---|---|---|---|---|")
+    for (name, n, nbytes, dt), step in zip(rows, steps, strict=True):
         print(
             f"| {name} | {n} | {nbytes / 2**20:.2f} MiB | "
-            f"{nbytes / full_bytes:.2%} | {dt:.1f} |"
+            f"{nbytes / full_bytes:.2%} | {dt:.1f} | {step:.3f} | "
+            f"{step / steps[0]:.2f} |"
         )
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows, "step_s": steps}))
 
 
 if __name__ == "__main__":

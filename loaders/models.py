@@ -428,9 +428,11 @@ def load_lazy_model(
     applying its router to the current layer's input, and brings them in
     on the copy stream while the current layer computes (counted in
     `loader.stats()`: `prefetched`, `prediction_recall`,
-    `prediction_precision`). None: on with CUDA, off on the CPU, where
-    bringing an expert in takes the same cores the forward pass needs
-    (measured in BENCHMARKS.md). `width` "int8" or "fp8" fetches experts
+    `prediction_precision`). None (the default): off. It costs a router
+    pass and a host synchronisation per layer, and a layer whose experts
+    are all mapped runs without either when it is off (on CUDA the step is
+    launched before the lookup: see `pooled_experts_forward`); measured in
+    BENCHMARKS.md, it paid on none of the models there. `width` "int8" or "fp8" fetches experts
     as the server's 8-bit variants (about half the bytes of bf16 on the
     wire), dequantized to the stored dtype when they arrive; hot swaps then
     fetch the new experts' variants too.
@@ -520,8 +522,6 @@ def load_lazy_model(
             runs = "eager"
         loader.pools = pools
         name = IMPLEMENTATION if pools is None else POOLED
-        if prefetch is None:
-            prefetch = torch.device(device).type == "cuda"
         if pools is not None and prefetch:
             _link_ahead(net, moe_layers, family)
         for i, experts in moe_layers.items():

@@ -111,7 +111,9 @@ def test_cuda_prefetch_brings_the_next_layers_experts_in(
         sizes = [
             s.size for k, s in c.get_manifest(tag).shards.items() if ".experts." in k
         ]
-        lm = load_lazy_model(c, tag, budget_bytes=sum(sizes) // 2, device="cuda")
+        lm = load_lazy_model(
+            c, tag, budget_bytes=sum(sizes) // 2, device="cuda", prefetch=True
+        )
         ref = (
             AutoModelForCausalLM.from_pretrained(checkpoints[tag].path, dtype="auto")
             .to("cuda")
@@ -172,26 +174,47 @@ def test_cuda_hot_swap_matches_a_fresh_load(target: str) -> None:
         fresh.close()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "model_type", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3"]
+)
 def test_cuda_every_family_equals_the_resident_model(
     tmp_path: Path, model_type: str
 ) -> None:
-    """The other three families of the table (shared experts, a dense first
-    layer, MLA attention), in bf16: every expert in its slot, then a quarter
-    of them (a slot per layer, steps in groups), under each implementation."""
+    """Every family of the table (shared experts, a dense first layer, MLA
+    attention among them), in bf16: every expert in its slot, then half and
+    a quarter of them (steps launched ahead of the lookup, kept or redone;
+    a slot per layer, steps in groups), under each implementation: logits
+    and greedy generation (batched_mm decoding, as for the resident model)
+    equal the resident model's."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
     from tests.integration.test_lazy import _table_family
 
+    small = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": 2,
+    }
+    if model_type == "mixtral":
+        config = MixtralConfig(**small, num_local_experts=4)
+    elif model_type == "qwen3_moe":
+        config = Qwen3MoeConfig(**small, moe_intermediate_size=16, num_experts=4)
+    else:
+        config = _table_family(model_type)
     torch.manual_seed(0)
     path = tmp_path / "ckpt"
-    AutoModelForCausalLM.from_config(
-        _table_family(model_type), dtype=torch.bfloat16
-    ).save_pretrained(path)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     import_checkpoint(Store(tmp_path / "s"), path, model_type)
     srv, port, _ = create_server(
         ServerConfig(store=tmp_path / "s", listen="127.0.0.1:0")
     )
     srv.start()
     ids = torch.arange(96, device="cuda").remainder(128).view(2, 48)
+    args = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     try:
         with ParamClient(f"127.0.0.1:{port}") as c:
             sizes = [
@@ -207,7 +230,9 @@ def test_cuda_every_family_equals_the_resident_model(
                     .to("cuda")
                     .eval()
                 )
-                for fraction in (1.0, 0.25):
+                with torch.no_grad():
+                    want = ref.generate(ids[:1, :4], **args)
+                for fraction in (1.0, 0.5, 0.25):
                     budget = max(max(sizes), int(sum(sizes) * fraction))
                     lm = load_lazy_model(
                         c,
@@ -221,9 +246,14 @@ def test_cuda_every_family_equals_the_resident_model(
                             assert torch.equal(
                                 ref(prompt).logits, lm.model(prompt).logits
                             ), (implementation, fraction)
+                        got = lm.model.generate(ids[:1, :4], **args)
+                    assert torch.equal(want, got), (implementation, fraction)
                     st = lm.loader.stats()
                     assert st.peak_resident_bytes <= budget
                     assert (st.evictions > 0) == (fraction < 1.0)
+                    if fraction == 0.5 and lm.loader.pools is not None:
+                        # steps launched ahead of the lookup, kept and redone
+                        assert st.steps_on_map > 0 and st.steps_redone > 0
                     lm.close()
     finally:
         srv.stop(0)
