@@ -28,7 +28,7 @@ from loaders.eviction import EvictionPolicy
 from loaders.pool import ExpertPool
 from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
-from param_server.core import tensor_codec
+from param_server.core import prequant, tensor_codec
 from param_server.core.errors import InvalidInputError
 from param_server.core.manifest import Manifest
 from param_server.core.shards import (
@@ -44,10 +44,22 @@ IMPLEMENTATION = "param_server_lazy"
 POOLED = "param_server_pooled"
 
 
-def _prepare_for(family: ModelFamily, shapes: dict[str, tuple[int, ...]], model: str):  # type: ignore[no-untyped-def]
-    """A Prepare that builds the fused per-expert tensors the module expects."""
+def _prepare_for(  # type: ignore[no-untyped-def]
+    family: ModelFamily,
+    shapes: dict[str, tuple[int, ...]],
+    model: str,
+    scheme: prequant.Scheme | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """A Prepare that builds the fused per-expert tensors the module expects
+    (dequantized to `dtype` first when the checkpoint arrived quantized)."""
 
     def prepare(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
+        if scheme is not None:
+            assert dtype is not None
+            tensors = prequant.dequantize_shard(
+                tensors, scheme, dtype, f"{model} layer {layer} expert {expert}"
+            )
         by_suffix = by_expert_suffix(tensors)
         out = {}
         for param, parts in family.params:
@@ -342,6 +354,9 @@ class LazyModel:
     family: ModelFamily
     expert_shapes: dict[str, tuple[int, ...]]
     """Fused per-expert parameter -> shape the model expects."""
+    scheme: prequant.Scheme | None = None
+    """How the checkpoint's weights are stored when it arrived quantized
+    (each shard is dequantized to the compute dtype when it arrives)."""
     experts_implementation: str = "eager"
     """What computes the experts: transformers' implementation of that name,
     on the model's own parameters (every expert in its slot) or on the
@@ -432,10 +447,14 @@ def load_lazy_model(
     pass and a host synchronisation per layer, and a layer whose experts
     are all mapped runs without either when it is off (on CUDA the step is
     launched before the lookup: see `pooled_experts_forward`); measured in
-    BENCHMARKS.md, it paid on none of the models there. `width` "int8" or "fp8" fetches experts
-    as the server's 8-bit variants (about half the bytes of bf16 on the
-    wire), dequantized to the stored dtype when they arrive; hot swaps then
-    fetch the new experts' variants too.
+    BENCHMARKS.md, it paid on none of the models there. `width` "int8" or
+    "fp8" fetches experts as the server's 8-bit variants (about half the
+    bytes of bf16 on the wire), dequantized to the stored dtype when they
+    arrive; hot swaps then fetch the new experts' variants too. A checkpoint
+    imported already quantized (config.json's `quantization_config`: FP8
+    block scales or compressed-tensors 8-bit, see
+    `param_server.core.prequant`) is fetched as stored and dequantized to
+    the config's dtype on arrival (`width` must be "full").
 
     Raises:
         UnavailableError: the server stayed unreachable (after retries).
@@ -453,6 +472,15 @@ def load_lazy_model(
     cfg_dict = json.loads(
         bytes(client.fetch_blobs(manifest, [], files=["config.json"])["config.json"])
     )
+    scheme = prequant.scheme_of(cfg_dict)
+    if scheme is not None:
+        if width != "full":
+            raise InvalidInputError(
+                f"{model} is stored quantized ({scheme.method}); it has no "
+                f"{width} variant: serve it at width 'full' (its own 8-bit bytes)"
+            )
+        # Built at the compute dtype; the weights are dequantized on arrival.
+        cfg_dict = {k: v for k, v in cfg_dict.items() if k != "quantization_config"}
     config = AutoConfig.for_model(**cfg_dict)
     family = lazy_family(config.model_type)
     dtype = getattr(config, "dtype", None) or torch.float32
@@ -486,7 +514,7 @@ def load_lazy_model(
         manifest,
         budget_bytes=budget_bytes,
         device=device,
-        prepare=_prepare_for(family, shapes, model),
+        prepare=_prepare_for(family, shapes, model, scheme, dtype),
         policy=policy,
         host_budget_bytes=host_budget_bytes,
         width=width,
@@ -497,7 +525,7 @@ def load_lazy_model(
             experts.__dict__["_lazy_loader"] = loader
             experts.__dict__["_lazy_layer"] = i
             experts.__dict__["_lazy_num_experts"] = experts.num_experts
-    state = dense_state(client, manifest, None, family)
+    state = dense_state(client, manifest, None, family, scheme, dtype)
     check_dense(net, state, manifest, complete=True)
     net.load_state_dict(state, strict=False, assign=True)
     if getattr(net.config, "tie_word_embeddings", False):
@@ -550,7 +578,7 @@ def load_lazy_model(
         else f"experts on demand{' in per-layer pools' if loader.pools else ''}",
         runs,
     )
-    return LazyModel(net, loader, manifest, family, shapes, runs)
+    return LazyModel(net, loader, manifest, family, shapes, scheme, runs)
 
 
 def _follow_the_decode_switch(
@@ -644,14 +672,22 @@ def dense_state(
     manifest: Manifest,
     keys: list[str] | None,
     family: ModelFamily,
+    scheme: prequant.Scheme | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Module name -> tensor (own storage) of the dense shards `keys` (all when
-    None) of `manifest`."""
+    None) of `manifest`, dequantized to `dtype` when the checkpoint arrived
+    quantized (`scheme`)."""
     if keys is None:
         keys = [k for k in manifest.shards if not is_expert_key(k)]
     state: dict[str, torch.Tensor] = {}
     for key, buf in client.fetch_blobs(manifest, keys).items():
-        for name, t in tensor_codec.decode(buf, f"{manifest.model}:{key}").items():
+        what = f"{manifest.model}:{key}"
+        tensors = tensor_codec.decode(buf, what)
+        if scheme is not None:
+            assert dtype is not None
+            tensors = prequant.dequantize_shard(tensors, scheme, dtype, what)
+        for name, t in tensors.items():
             for a, b in family.renames:
                 name = name.replace(a, b)
             state[name] = t.clone()  # own storage; the blob buffer is dropped

@@ -117,7 +117,14 @@ class Reconciler:
             )
         check_expert_shapes(target, self.lazy.family, self.lazy.expert_shapes)
         dense_keys = [k for k in changed if not is_expert_key(k)]
-        dense = dense_state(self.client, target, dense_keys, self.lazy.family)
+        dense = dense_state(
+            self.client,
+            target,
+            dense_keys,
+            self.lazy.family,
+            self.lazy.scheme,
+            getattr(self.lazy.model, "dtype", None),
+        )
         check_dense(self.lazy.model, dense, target, complete=False)
         if self._device.type == "cuda":
             side = torch.cuda.Stream(self._device)  # type: ignore[no-untyped-call]

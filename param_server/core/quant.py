@@ -135,6 +135,9 @@ SCALE_SUFFIX = "::scale"
 """A quantized tensor `N`'s scales are the tensor `N::scale` (float32)."""
 
 
+_EIGHT_BIT = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _quantizable(t: torch.Tensor) -> bool:
     return t.is_floating_point() and t.dim() >= 2 and math.prod(t.shape[:-2]) == 1
 
@@ -162,6 +165,12 @@ def encode_variant(
         if name.endswith(SCALE_SUFFIX):
             raise InvalidInputError(
                 f"tensor {name!r}: names ending in {SCALE_SUFFIX!r} are reserved"
+            )
+        if t.dtype in _EIGHT_BIT:
+            raise InvalidInputError(
+                f"tensor {name!r} is stored at 8 bits already ({t.dtype}): the "
+                f"model was imported quantized and has no {kind} variant; fetch "
+                "it at full width"
             )
         if _quantizable(t):
             qz = quantize(t, kind, name)

@@ -62,9 +62,15 @@ class ModelFamily:
         return bool(self.params)
 
 
+# A weight, or a companion of it in a checkpoint that arrives quantized
+# (see param_server.core.prequant): its scales, zero point, activation scale.
+_WEIGHT = (
+    r"\.(?:weight(?:_scale_inv|_scale|_zero_point|_g_idx|_packed|_shape)?"
+    r"|input_scale|input_zero_point)"
+)
 _GATE_UP_DOWN = (
     r"model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)"
-    r"\.(?:gate|up|down)_proj\.weight"
+    r"\.(?:gate|up|down)_proj" + _WEIGHT
 )
 _GATE_UP_DOWN_PARAMS = (
     ("gate_up_proj", ("gate_proj.weight", "up_proj.weight")),
@@ -76,7 +82,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         "mixtral",
         ("mixtral",),
         r"model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)"
-        r"\.w[123]\.weight",
+        r"\.w[123]" + _WEIGHT,
         params=(
             ("gate_up_proj", ("w1.weight", "w3.weight")),
             ("down_proj", ("w2.weight",)),
