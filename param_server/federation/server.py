@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from param_server.client import ParamClient
+from param_server.core import prequant
 from param_server.core.auth import Credentials
 from param_server.core.errors import InvalidInputError, StaleParentError
 from param_server.core.manifest import Manifest
@@ -112,11 +113,21 @@ def load_state(client: ParamClient, model: str, dense: bool) -> RoundBase:
             f"{model}@{manifest.version} has no config.json; import a Hugging Face "
             "checkpoint folder so institutions can build the model"
         )
-    layout = Layout.from_manifest(manifest)
-    shards = client.fetch_shards(model, list(manifest.shards), manifest=manifest)
     config_json = bytes(
         client.fetch_blobs(manifest, [], files=["config.json"])["config.json"]
     ).decode()
+    try:
+        scheme = prequant.scheme_of(json.loads(config_json))
+    except (ValueError, InvalidInputError):
+        scheme = None  # the clients report a config they cannot build
+    if scheme is not None:
+        raise InvalidInputError(
+            f"{model}@{manifest.version} was imported quantized ({scheme.method}); "
+            "federated rounds train full-width weights: import the model's "
+            "full-width (bf16) checkpoint under another name and federate that"
+        )
+    layout = Layout.from_manifest(manifest)
+    shards = client.fetch_shards(model, list(manifest.shards), manifest=manifest)
     names = [n for n in protocol.TOKENIZER_FILES if n in manifest.files]
     tokenizer = {
         n: bytes(b)

@@ -237,3 +237,18 @@ def test_a_quantized_checkpoint_has_no_8_bit_variant(
             c.variants(m, ["layers.0.experts.1"], "int8")
         with pytest.raises(InvalidInputError, match="stored quantized"):
             load_lazy_model(c, "q-fp8", budget_bytes=10**9, width="fp8")
+
+
+def test_a_quantized_checkpoint_is_not_federated(
+    tmp_path: Path, checkpoints: dict[str, Checkpoint], served: tuple[Path, str]
+) -> None:
+    from param_server.federation.server import load_state
+
+    ckpt = int8_checkpoint(checkpoints["qwen3_moe-bfloat16"].path, tmp_path / "q")
+    store, target = served
+    import_checkpoint(Store(store), ckpt, "q-int8")
+    with (
+        ParamClient(target) as c,
+        pytest.raises(InvalidInputError, match="imported quantized"),
+    ):
+        load_state(c, "q-int8", dense=False)
