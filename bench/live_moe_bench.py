@@ -215,6 +215,12 @@ def main() -> None:
         help="batches the variants without a host tier run (each miss then "
         "verifies and prepares the expert again)",
     )
+    ap.add_argument(
+        "--widths",
+        default="full",
+        help="widths experts cross the network in below a 100%% budget, of: "
+        "full, int8, fp8 (the 8-bit ones are dequantized on arrival)",
+    )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
@@ -269,7 +275,7 @@ def main() -> None:
         }
         long = torch.randint(0, args.vocab, (1, args.prefill), generator=gen)
         long = long.to(device)
-        rows: list[tuple[str, int, float, float, str, str, str, str]] = []
+        rows: list[tuple[str, int, float, float, str, str, str, str, str]] = []
         resident = AutoModelForCausalLM.from_pretrained(work / "ckpt", dtype=dtype)
         resident = resident.to(device).eval()
         impl = resident.config._experts_implementation
@@ -294,23 +300,24 @@ def main() -> None:
             )
         base: dict[int, float] = {}
         base_pre = prefill_s(resident, long, args.repeat)
-        dash = ("-", "-", "-", "-")
+        dash = ("-", "-", "-", "-", "-")
         rows.append((f"resident ({impl}), prefill", args.prefill, base_pre, 1.0, *dash))
-        plan: list[tuple[float, str]] = []
+        plan: list[tuple[float, str, str]] = []
         others = (
             {float(f) for f in args.variant_budgets.split(",")}
             if args.variant_budgets
             else None
         )
+        widths = args.widths.split(",")
         for frac in (float(f) for f in args.budgets.split(",")):
             if frac >= 1.0:
-                plan.append((frac, "default"))
+                plan.append((frac, "default", "full"))
                 continue
             for v in variants:
                 if v == "default" or others is None or frac in others:
-                    plan.append((frac, v))
+                    plan.extend((frac, v, w) for w in widths)
         with spawn_daemon(work / "store", announce=False) as daemon:
-            for frac, variant in plan:
+            for frac, variant, width in plan:
                 budget = max(max(sizes), int(total * frac))
                 same_host, host_on, prefetch = VARIANTS[variant]
                 with ParamClient(daemon.target, same_host=same_host) as c:
@@ -321,12 +328,15 @@ def main() -> None:
                         device=device,
                         prefetch=prefetch,
                         host_budget_bytes=None if host_on else 0,
+                        width=width,
                     )
                     if biases is not None:
                         skew_routers(lm.model, biases)
                     label = f"lazy {frac:.1%} ({lm.experts_implementation})"
                     if frac < 1.0:
                         label += f", {variant}"
+                    if width != "full":
+                        label += f", {width} experts"
                     for b in batches:
                         if frac < 1.0 and b not in small:
                             continue
@@ -371,16 +381,19 @@ def main() -> None:
     print(
         "\n| configuration | batch (prefill: tokens) | tok/s (prefill: s) | "
         "÷ resident | hits (device / host tier) | prefetch: recall / precision "
-        "| miss p50 / p99 | experts on device (peak / budget), host tier |"
+        "| miss p50 / p99 | experts on device (peak / budget), host tier "
+        "| layer steps: on the map / redone |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for label, b, v, ratio, hit, pred, miss, mem in rows:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, b, v, ratio, hit, pred, miss, mem, *steps in rows:
         cells = [label, str(b), f"{v:.3f}", f"{ratio:.2f}", hit, pred, miss, mem]
+        cells.append(steps[0] if steps else "-")
         print("| " + " | ".join(cells) + " |")
 
 
-def describe(lm: LazyModel, budget: int) -> tuple[str, str, str, str]:
-    """Hit rates, prefetch accuracy, miss latency and memory of the runs."""
+def describe(lm: LazyModel, budget: int) -> tuple[str, str, str, str, str]:
+    """Hit rates, prefetch accuracy, miss latency, memory, and layer steps
+    that ran on the map (no lookup) or were launched and run again."""
     st = lm.loader.stats()
     looked = st.hits + st.misses
     host = st.host_hits / looked if looked else 0.0
@@ -396,7 +409,13 @@ def describe(lm: LazyModel, budget: int) -> tuple[str, str, str, str]:
         f"{st.peak_resident_bytes / 2**30:.2f} / {budget / 2**30:.2f} GiB, "
         f"{st.host_bytes / 2**30:.2f} GiB"
     )
-    return f"{st.hit_rate:.1%} / {host:.1%}", pred, miss, mem
+    steps = st.steps_on_map + st.steps_looked_up
+    ran = (
+        f"{st.steps_on_map / steps:.1%} / {st.steps_redone / steps:.1%}"
+        if steps
+        else "-"
+    )
+    return f"{st.hit_rate:.1%} / {host:.1%}", pred, miss, mem, ran
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ class CacheStats:
     """Bytes of prepared experts kept in the host tier."""
     steps_on_map: int = 0
     """Pooled layer steps whose routed experts were all mapped (no lookup)."""
+    steps_looked_up: int = 0
+    """Pooled layer steps that looked their experts up (one was not mapped)."""
     steps_redone: int = 0
     """Layer steps launched on the map ahead of the lookup and run again
     because an expert was not mapped (see `hold_mapped`)."""
@@ -715,8 +717,9 @@ class LazyExpertLoader:
                     self._policy.used(d)
                 self._stats.hits += len(digests)
                 self._stats.steps_on_map += 1
-            elif epoch is not None:
-                self._stats.steps_redone += 1
+            else:
+                self._stats.steps_looked_up += 1
+                self._stats.steps_redone += epoch is not None
         if not ok:
             yield False
             return
@@ -1078,6 +1081,7 @@ class LazyExpertLoader:
                         "routed_after_prediction",
                         "host_hits",
                         "steps_on_map",
+                        "steps_looked_up",
                         "steps_redone",
                         "peak_resident_bytes",
                     )

@@ -787,6 +787,7 @@ def test_the_device_map_holds_only_experts_still_in_their_slots(
             assert not hit  # expert 2 is not mapped: nothing held or counted
         st = loader.stats()
         assert st.hits == hits + 2 and st.steps_on_map == 1 and st.steps_redone == 0
+        assert st.steps_looked_up == 2  # nothing mapped, then expert 2
         epoch = loader.map_epoch(0)
         with loader.acquire_slots(0, [2]):  # the pool is full: one leaves
             pass
@@ -794,6 +795,7 @@ def test_the_device_map_holds_only_experts_still_in_their_slots(
         with loader.hold_mapped(0, [0], epoch) as hit:
             assert not hit  # the map read at `epoch` may be stale
         assert loader.stats().steps_redone == 1
+        assert loader.stats().steps_looked_up == 3
         with loader.acquire_slots(0, [0]) as slots:
             assert slots is not None
             loader.map_slots(0, slots, 4)
