@@ -56,7 +56,7 @@ def node_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     client = ParamClient(args.target)
-    lm = load_lazy_model(client, args.model, budget_bytes=args.budget)
+    lm = load_lazy_model(client, args.model, budget_bytes=args.budget, width=args.width)
     for layer in range(args.layers):
         lm.loader.pin(layer, [0, 1])
     sw = HotSwapper(
@@ -106,7 +106,7 @@ def build_model(path: Path, args: argparse.Namespace) -> None:
 
 
 def run_fleet(
-    n: int, target: str, url: str, args: argparse.Namespace, tmp: Path
+    n: int, target: str, url: str, args: argparse.Namespace, tmp: Path, width: str
 ) -> dict[str, object]:
     from param_server.client import ParamClient
     from param_server.core import tensor_codec
@@ -127,7 +127,7 @@ def run_fleet(
         cmd += ["--model", args.model, "--budget", str(budget)]
         cmd += ["--layers", str(args.layers), "--rate", str(args.rate / n)]
         cmd += ["--node-id", f"node-{i}", "--out", str(tmp / f"node-{i}.json")]
-        cmd += ["--nice", str(args.nice)]
+        cmd += ["--nice", str(args.nice), "--width", width]
         procs.append(subprocess.Popen(cmd))
     r = redis_client(url)
     deadline = time.monotonic() + 300
@@ -232,7 +232,15 @@ def main() -> None:
     nd.add_argument("--node-id", required=True)
     nd.add_argument("--out", required=True)
     nd.add_argument("--nice", type=int, required=True)
+    nd.add_argument("--width", default="full")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument(
+        "--widths",
+        nargs="+",
+        default=["full"],
+        choices=["full", "int8", "fp8"],
+        help="what the nodes fetch experts as (one fleet run per width and N)",
+    )
     ap.add_argument("--commits", type=int, default=50)
     ap.add_argument(
         "--nice", type=int, default=0, help="HotSwapper background_nice of the nodes"
@@ -271,9 +279,11 @@ def main() -> None:
             with ParamClient(daemon.target) as c:
                 url = c.announce_url()
             assert url is not None
-            for n in args.nodes:
-                print(f"--- {n} node(s)", flush=True)
-                results.append(run_fleet(n, daemon.target, url, args, tmp))
+            for width in args.widths:
+                for n in args.nodes:
+                    print(f"--- {n} node(s), {width} experts", flush=True)
+                    res = run_fleet(n, daemon.target, url, args, tmp, width)
+                    results.append({**res, "width": width})
     print()
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
@@ -285,11 +295,12 @@ def main() -> None:
     )
     print()
     print(
-        "| nodes | change | commit -> applied on every node p50 | p99 | max "
+        "| nodes | experts as | change | commit -> applied on every node p50 "
+        "| p99 | max "
         "| forward p50 / p99: idle | same commits, no swaps | with swaps "
         "| p99 ratio to no swaps |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
         fwd = res["fwd"]
         lat = res["lat"]
@@ -307,7 +318,8 @@ def main() -> None:
                 return f"{1000 * pct(v, 0.5):.1f} / {1000 * pct(v, 0.99):.1f} ms"
 
             print(
-                f"| {res['nodes']} | {label} | {1000 * statistics.median(xs):.0f} ms "
+                f"| {res['nodes']} | {res['width']} | {label} "
+                f"| {1000 * statistics.median(xs):.0f} ms "
                 f"| {1000 * pct(xs, 0.99):.0f} ms | {1000 * max(xs):.0f} ms "
                 f"| {ms(base)} | {ms(decoy)} | {ms(swaps)} "
                 f"| {pct(swaps, 0.99) / pct(decoy, 0.99):.2f}x |"
@@ -317,7 +329,8 @@ def main() -> None:
         fl = res["flips"]
         assert isinstance(fl, list)
         print(
-            f"{res['nodes']} node(s): pointer flip p50 {pct(fl, 0.5):.0f} us, "
+            f"{res['nodes']} node(s), {res['width']}: pointer flip p50 "
+            f"{pct(fl, 0.5):.0f} us, "
             f"p99 {pct(fl, 0.99):.0f} us, max {max(fl):.0f} us over {len(fl)} flips"
         )
 
