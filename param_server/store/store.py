@@ -360,6 +360,10 @@ class Store:
         self._manifests: dict[tuple[str, int], Manifest] = {}
         self._verified: dict[str, tuple[int, int, int]] = {}
         self._verified_lock = threading.Lock()
+        # One maker per (kind, source) at a time: the other requests for the
+        # same variant (a fleet fetching a new expert) wait and reuse it.
+        self._making: dict[tuple[str, str], threading.Lock] = {}
+        self._making_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
     # --- locking ---------------------------------------------------------------
@@ -548,9 +552,25 @@ class Store:
         if kind not in (widths.INT8, widths.FP8):
             widths.check_width(kind)
             raise InvalidInputError(f"the stored width has no variant ({kind!r})")
-        record = self._variant_record(kind, digest)
+        made = self._recorded_variant(kind, digest)
+        if made is not None:
+            return made
+        with self._making_lock:
+            maker = self._making.setdefault((kind, digest), threading.Lock())
+        try:
+            with maker:
+                made = self._recorded_variant(kind, digest)  # made meanwhile?
+                return made if made is not None else self._make_variant(kind, digest)
+        finally:
+            with self._making_lock:
+                if not maker.locked():
+                    self._making.pop((kind, digest), None)
+
+    def _recorded_variant(self, kind: str, digest: str) -> tuple[str, int] | None:
+        """The recorded `kind` variant of `digest`, verified; None when there is
+        none, or it is gone or corrupt (then it is to be made again)."""
         with contextlib.suppress(FileNotFoundError, ValueError):
-            made = record.read_text().strip()
+            made = self._variant_record(kind, digest).read_text().strip()
             try:
                 path = self.verify_blob(made)
                 return made, path.stat().st_size
@@ -558,8 +578,10 @@ class Store:
                 logger.warning(
                     "variant %s of %s is gone or corrupt; remaking it", kind, digest
                 )
-        # torch only here: a store that makes no variants never imports it.
+        return None
 
+    def _make_variant(self, kind: str, digest: str) -> tuple[str, int]:
+        record = self._variant_record(kind, digest)
         # torch only here: a store that makes no variants never imports it.
         from param_server.core import quant, tensor_codec
 

@@ -118,3 +118,37 @@ def test_bad_variant_requests_are_refused(tmp_path: Path) -> None:
         store.variant("0" * 64, quant.FP8)
     with pytest.raises(InvalidInputError, match="not a quantized variant"):
         quant.decode_variant(tensor_codec.encode(_expert(5)))
+
+
+def test_concurrent_requests_for_one_variant_make_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet asking for the variant of a new expert at once: one request
+    makes it, the others wait for it and get the same blob."""
+    import threading
+
+    store = Store(tmp_path / "s")
+    v = _commit(store, 0, {"layers.0.experts.0": _expert(0)})
+    source = store.get_manifest("m", v).shards["layers.0.experts.0"].digest
+    made = []
+    encode = quant.encode_variant
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(1)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "encode_variant", counted)
+    start = threading.Barrier(8)
+    got: list[tuple[str, int]] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(store.variant(source, quant.INT8))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and len(set(got)) == 1
+    assert made == [1]
