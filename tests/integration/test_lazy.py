@@ -748,12 +748,10 @@ def test_generate_decodes_pooled_layers_with_the_kernel_a_resident_model_gets(
         lm.close()
 
 
-def test_the_device_map_holds_only_experts_still_in_their_slots(
-    client: ParamClient,
-) -> None:
-    """An expert is mapped once its slot is written into the layer's device
-    map, and unmapped when it leaves the slot (evicted, or a version switch);
-    a step launched before an unmapping is told to run again."""
+def _two_slot_loader(client: ParamClient, *, per_layer: bool):  # type: ignore[no-untyped-def]
+    """A loader of qwen3_moe-float32 whose pool holds two experts (layer 0's
+    own pool when `per_layer`, else one shared by the layers), and the
+    manifest, key and tensors of layer 0's expert 1."""
     from loaders.pool import ExpertPool
 
     tag = "qwen3_moe-float32"
@@ -770,9 +768,19 @@ def test_the_device_map_holds_only_experts_still_in_their_slots(
         client,
         m,
         budget_bytes=2 * expert_sizes(client, tag)[1],
-        pool={0: pool},
+        pool={0: pool} if per_layer else pool,
         prepare=prepare,
     )
+    return loader, pool, m, key, t
+
+
+def test_the_device_map_holds_only_experts_still_in_their_slots(
+    client: ParamClient,
+) -> None:
+    """An expert is mapped once its slot is written into the layer's device
+    map, and unmapped when it leaves the slot (evicted, or a version switch);
+    a step launched before an unmapping is told to run again."""
+    loader, _, m, key, t = _two_slot_loader(client, per_layer=True)
     try:
         with loader.hold_mapped(0, [0]) as hit:
             assert not hit  # nothing mapped yet
@@ -801,7 +809,7 @@ def test_the_device_map_holds_only_experts_still_in_their_slots(
             loader.map_slots(0, slots, 4)
         with loader.hold_mapped(0, [0], loader.map_epoch(0)) as hit:
             assert hit
-        v2 = client.commit(tag, m.version, {key: {n: x * 3 for n, x in t.items()}})
+        v2 = client.commit(m.model, m.version, {key: {n: x * 3 for n, x in t.items()}})
         loader.switch(v2.manifest)
         with loader.hold_mapped(0, [0]) as hit:
             assert not hit  # a switch unmaps every expert
@@ -814,29 +822,11 @@ def test_a_new_versions_experts_move_into_the_slots_the_switch_frees(
 ) -> None:
     """Replacements fetched beside a full pool (over the budget) move into the
     slots of the experts they replace when the version is switched to."""
-    from loaders.pool import ExpertPool
-
-    tag = "qwen3_moe-float32"
-    m = client.get_manifest(tag)
-    key = "layers.0.experts.1"
-    t = client.fetch_shards(tag, [key], manifest=m)[key]
-    shapes = {n: tuple(x.shape) for n, x in by_expert_suffix(t).items()}
-    pool = ExpertPool(shapes, 2, dtype=torch.float32, device="cpu")
-
-    def prepare(layer: int, e: int, ts: dict[str, torch.Tensor], pin: bool):  # type: ignore[no-untyped-def]
-        return {n: x.clone() for n, x in by_expert_suffix(ts).items()}
-
-    loader = LazyExpertLoader(
-        client,
-        m,
-        budget_bytes=2 * expert_sizes(client, tag)[1],
-        pool=pool,
-        prepare=prepare,
-    )
+    loader, pool, m, key, t = _two_slot_loader(client, per_layer=False)
     try:
         with loader.acquire_slots(0, [0, 1]) as slots:
             assert slots is not None and sorted(slots.values()) == [0, 1]
-        v2 = client.commit(tag, m.version, {key: {n: x * 3 for n, x in t.items()}})
+        v2 = client.commit(m.model, m.version, {key: {n: x * 3 for n, x in t.items()}})
         loader.warm(v2.manifest, [(0, 1)], evict=False)  # the pool is full
         assert pool.free == 0
         loader.switch(v2.manifest)

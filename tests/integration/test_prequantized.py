@@ -225,12 +225,21 @@ def test_a_node_serves_an_int8_compressed_tensors_checkpoint(
     _serve_equals(target, "q-int8", _resident(by_hand), _expert_bytes(target, "q-int8"))
 
 
+def _imported(  # type: ignore[no-untyped-def]
+    make, checkpoints: dict[str, Checkpoint], tmp_path: Path, served, model: str
+) -> str:
+    """The tiny Qwen3-MoE made quantized by `make`, imported as `model`; the
+    server's target."""
+    ckpt = make(checkpoints["qwen3_moe-bfloat16"].path, tmp_path / model)
+    store, target = served
+    import_checkpoint(Store(store), ckpt, model)
+    return str(target)
+
+
 def test_a_quantized_checkpoint_has_no_8_bit_variant(
     tmp_path: Path, checkpoints: dict[str, Checkpoint], served: tuple[Path, str]
 ) -> None:
-    ckpt = fp8_checkpoint(checkpoints["qwen3_moe-bfloat16"].path, tmp_path / "fp8")
-    store, target = served
-    import_checkpoint(Store(store), ckpt, "q-fp8")
+    target = _imported(fp8_checkpoint, checkpoints, tmp_path, served, "q-fp8")
     with ParamClient(target) as c:
         m = c.get_manifest("q-fp8")
         with pytest.raises(InvalidInputError, match="imported quantized"):
@@ -244,9 +253,7 @@ def test_a_quantized_checkpoint_is_not_federated(
 ) -> None:
     from param_server.federation.server import load_state
 
-    ckpt = int8_checkpoint(checkpoints["qwen3_moe-bfloat16"].path, tmp_path / "q")
-    store, target = served
-    import_checkpoint(Store(store), ckpt, "q-int8")
+    target = _imported(int8_checkpoint, checkpoints, tmp_path, served, "q-int8")
     with (
         ParamClient(target) as c,
         pytest.raises(InvalidInputError, match="imported quantized"),
