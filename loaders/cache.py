@@ -219,9 +219,9 @@ class LazyExpertLoader:
         # with the compute stream ordered after its copy, until it leaves
         # the slot (evicted, or a version switch). A step whose routed
         # experts are all mapped runs on the map with no further lookup
-        # (`hold_mapped`); the epoch counts unmappings, so a step launched
-        # on the map before knowing its experts can tell whether the map it
-        # read is still true.
+        # (`hold_mapped`); the epoch counts changes of the map, so a step
+        # launched on the map before knowing its experts can tell whether
+        # the map it read is still true.
         self._maps: dict[int, torch.Tensor] = {}
         self._mapped: dict[int, dict[int, tuple[int, str]]] = {}
         self._slot_experts: dict[int, dict[int, set[int]]] = {}
@@ -637,7 +637,8 @@ class LazyExpertLoader:
             self._map_epoch[layer] = self._map_epoch.get(layer, 0) + 1
 
     def map_epoch(self, layer: int) -> int:
-        """How many times an expert of `layer` left the map so far."""
+        """How many times `layer`'s map changed so far (an expert mapped,
+        moved or unmapped)."""
         return self._map_epoch.get(layer, 0)
 
     def device_map(self, layer: int, num_experts: int) -> torch.Tensor:
@@ -671,6 +672,8 @@ class LazyExpertLoader:
                     owners[old[0]].discard(e)
                 mapped[e] = (slots[e], self._digest(layer, e)[1])
                 owners.setdefault(slots[e], set()).add(e)
+            if moved:  # a step launched before read the old entries
+                self._map_epoch[layer] = self._map_epoch.get(layer, 0) + 1
         if moved:
             at = torch.tensor(moved, dtype=torch.long)
             to = torch.tensor([slots[e] for e in moved], dtype=torch.long)
@@ -686,8 +689,9 @@ class LazyExpertLoader:
         """Holds `experts` of `layer` while the block runs and yields True when
         every one is mapped (a hit each); yields False, holding and counting
         nothing, when one is not. With `epoch` (`map_epoch` read before the
-        step was launched on the map), also False when an expert left the
-        map since: the map the step read may have been stale. On CUDA the
+        step was launched on the map), also False when the map changed
+        since: the entries the step read may have been stale (another
+        thread's step mapped or evicted an expert meanwhile). On CUDA the
         slots are not rewritten before the work queued until the block ends."""
         digests: list[str] = []
         with self._lock:
