@@ -805,19 +805,19 @@ def test_the_device_map_holds_only_experts_still_in_their_slots(
         assert loader.stats().steps_redone == 1
         assert loader.stats().steps_looked_up == 3
         epoch = loader.map_epoch(0)
-        with loader.acquire_slots(0, [0]) as slots:
+        with loader.acquire_slots(0, [2]) as slots:
             assert slots is not None
             loader.map_slots(0, slots, 4)
         # mapping changes the map too: a step launched before read the old
-        # entry of expert 0 (another thread's step may have mapped it)
+        # entry of expert 2 (another thread's step may have mapped it)
         assert loader.map_epoch(0) > epoch
-        with loader.hold_mapped(0, [0], epoch) as hit:
+        with loader.hold_mapped(0, [2], epoch) as hit:
             assert not hit
-        with loader.hold_mapped(0, [0], loader.map_epoch(0)) as hit:
+        with loader.hold_mapped(0, [2], loader.map_epoch(0)) as hit:
             assert hit
         v2 = client.commit(m.model, m.version, {key: {n: x * 3 for n, x in t.items()}})
         loader.switch(v2.manifest)
-        with loader.hold_mapped(0, [0]) as hit:
+        with loader.hold_mapped(0, [2]) as hit:
             assert not hit  # a switch unmaps every expert
     finally:
         loader.close()
