@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loaders.eviction import EvictionPolicy, FrequencyPolicy
+from loaders.narrow import Narrow, NarrowExpert
 from loaders.pool import ExpertPool
 from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
@@ -25,6 +26,9 @@ from param_server.core.shards import expert_key, is_expert_key, parse_expert_key
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
+Host = Tensors | NarrowExpert
+"""An expert in the host tier: prepared tensors, or kept at its variant's
+width (see `loaders.narrow`)."""
 Prepare = Callable[[int, int, Tensors, bool], Tensors]
 """(layer, expert, tensors as stored, pin) -> tensors as the model uses them, in
 their own CPU storage (page-locked when `pin`, ready for an async copy)."""
@@ -145,6 +149,11 @@ class LazyExpertLoader:
             where the device is the host.
         policy: eviction order (FrequencyPolicy by default; LRUPolicy and
             your own `EvictionPolicy` plug in the same way).
+        narrow: with an 8-bit `width`, keeps each fetched expert at that
+            width on the host and dequantizes it on the device when it fills
+            a slot (half the host tier's bytes and half the PCIe traffic of
+            bf16); None: dequantized on arrival. `load_lazy_model` passes it
+            when asked to keep experts narrow.
 
     Raises:
         InvalidInputError: a budget of zero, negative or below one expert.
@@ -164,6 +173,7 @@ class LazyExpertLoader:
         pool: ExpertPool | dict[int, ExpertPool] | None = None,
         host_budget_bytes: int | None = None,
         width: str = "full",
+        narrow: Narrow | None = None,
     ) -> None:
         self.width = quant.check_width(width)
         """What experts cross the network as: `full` (the stored bytes), or
@@ -188,6 +198,7 @@ class LazyExpertLoader:
         self.budget_bytes = budget_bytes
         self.device = torch.device(device)
         self._prepare = prepare or _keep
+        self._narrow = narrow if self.width != "full" else None
         self._cuda = self.device.type == "cuda"
         # Host-to-device copies run here, never on the compute stream.
         self._copy_stream = (
@@ -240,7 +251,7 @@ class LazyExpertLoader:
                 f"host budget must be >= 0 bytes, got {host_budget_bytes}"
             )
         self.host_budget_bytes = host_budget_bytes
-        self._host: OrderedDict[str, tuple[Tensors, int]] = OrderedDict()
+        self._host: OrderedDict[str, tuple[Host, int]] = OrderedDict()
         self._host_bytes = 0
 
     @classmethod
@@ -253,6 +264,11 @@ class LazyExpertLoader:
     ) -> LazyExpertLoader:
         """A loader for `model` at `version` (HEAD when None)."""
         return cls(client, client.get_manifest(model, version), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def keeps_narrow(self) -> bool:
+        """Whether 8-bit experts stay at their width until the device."""
+        return self._narrow is not None
 
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
@@ -390,10 +406,16 @@ class LazyExpertLoader:
                 e, digest, _ = keys[key]
                 host = kept[key]
                 if host is None:
-                    raw = decode(blobs[key], f"{manifest.model}:{key}")
+                    what = f"{manifest.model}:{key}"
                     # Own storage (never a view keeping the blob alive); on CUDA
                     # it is page-locked so the copy below is an async DMA.
-                    host = self._prepare(layer, e, raw, self._cuda)
+                    if self._narrow is not None:
+                        parts = quant.decode_variant_parts(blobs[key], what)
+                        host = self._narrow(layer, e, parts, self._cuda)
+                    else:
+                        host = self._prepare(
+                            layer, e, decode(blobs[key], what), self._cuda
+                        )
                     with self._lock:
                         self._to_host(digest, host)
                 wait = None
@@ -489,7 +511,7 @@ class LazyExpertLoader:
             if pool.free - self._flying.get(layer, 0) >= 1:
                 return
 
-    def _from_host(self, digest: str) -> Tensors | None:
+    def _from_host(self, digest: str) -> Host | None:
         """The host tier's prepared tensors of `digest`, or None. Needs the lock."""
         kept = self._host.get(digest)
         if kept is None:
@@ -497,10 +519,14 @@ class LazyExpertLoader:
         self._host.move_to_end(digest)
         return kept[0]
 
-    def _to_host(self, digest: str, tensors: Tensors) -> None:
-        """Keeps prepared tensors in the host tier, least recently used out
+    def _to_host(self, digest: str, tensors: Host) -> None:
+        """Keeps a prepared expert in the host tier, least recently used out
         first to stay within its budget. Needs the lock."""
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = (
+            tensors.nbytes
+            if isinstance(tensors, NarrowExpert)
+            else sum(t.numel() * t.element_size() for t in tensors.values())
+        )
         if nbytes > self.host_budget_bytes or digest in self._host:
             return
         while self._host_bytes + nbytes > self.host_budget_bytes:
@@ -511,12 +537,14 @@ class LazyExpertLoader:
 
     def _to_device(
         self,
-        ts: Tensors,
+        ts: Host,
         dst: Tensors | None = None,
         wait: torch.cuda.Event | None = None,
     ) -> tuple[Tensors, torch.cuda.Event | None]:
         """`ts` on the loader's device: in `dst` (an expert's slot) when given,
-        else in new tensors."""
+        else in new tensors; a narrow expert is widened there."""
+        if isinstance(ts, NarrowExpert):
+            return self._widen(ts, dst, wait)
         if not self._cuda:
             if dst is None:
                 return ts, None
@@ -537,6 +565,30 @@ class LazyExpertLoader:
             ready.record(self._copy_stream)
         # The pinned host buffers may be dropped now: PyTorch's host allocator
         # keeps them until the copy that reads them has finished.
+        return out, ready
+
+    def _widen(
+        self,
+        ts: NarrowExpert,
+        dst: Tensors | None,
+        wait: torch.cuda.Event | None,
+    ) -> tuple[Tensors, torch.cuda.Event | None]:
+        """A narrow expert dequantized on the device, on the copy stream."""
+        if self._copy_stream is None:
+            if dst is None:
+                return ts.widen(self.device), None
+            ts.widen_into(dst)
+            return dst, None
+        with torch.cuda.stream(self._copy_stream):
+            if wait is not None:
+                self._copy_stream.wait_event(wait)
+            if dst is None:
+                out = ts.widen(self.device)
+            else:
+                out = dst
+                ts.widen_into(dst)
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record(self._copy_stream)
         return out, ready
 
     def _ready_for_use(self, digests: list[str]) -> None:

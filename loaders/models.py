@@ -17,14 +17,16 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from loaders.cache import LazyExpertLoader, Tensors, own_copy
 from loaders.eviction import EvictionPolicy
+from loaders.narrow import Narrow, NarrowExpert, Part, part_rows
 from loaders.pool import ExpertPool
 from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
@@ -40,8 +42,43 @@ from param_server.core.shards import (
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 IMPLEMENTATION = "param_server_lazy"
 POOLED = "param_server_pooled"
+
+
+def _gather(
+    family: ModelFamily,
+    shapes: dict[str, tuple[int, ...]],
+    what: str,
+    named: Mapping[str, T],
+    shape_of: Callable[[T], tuple[int, ...]],
+) -> dict[str, list[T]]:
+    """Each fused parameter's stored parts, in the order they concatenate
+    (along the first dimension), checked against the config's shapes."""
+    by_suffix = by_expert_suffix(named)
+    out = {}
+    for param, parts in family.params:
+        if param in by_suffix:  # stored fused ([E, ...] split per expert)
+            src = [by_suffix[param]]
+        else:
+            missing = [p for p in parts if p not in by_suffix]
+            if missing:
+                raise InvalidInputError(
+                    f"{what}: no tensor ending in {missing[0]!r} (have "
+                    f"{sorted(by_suffix)})"
+                )
+            src = [by_suffix[p] for p in parts]
+        first = shape_of(src[0])
+        shape = (sum(shape_of(s)[0] for s in src), *first[1:])
+        if shape != shapes[param]:
+            raise InvalidInputError(
+                f"{what}: tensor {param!r} has shape {list(shape)} but the model "
+                f"config expects {list(shapes[param])}"
+            )
+        out[param] = src
+    return out
 
 
 def _prepare_for(  # type: ignore[no-untyped-def]
@@ -55,37 +92,45 @@ def _prepare_for(  # type: ignore[no-untyped-def]
     (dequantized to `dtype` first when the checkpoint arrived quantized)."""
 
     def prepare(layer: int, expert: int, tensors: Tensors, pin: bool) -> Tensors:
+        what = f"{model} layer {layer} expert {expert}"
         if scheme is not None:
             assert dtype is not None
-            tensors = prequant.dequantize_shard(
-                tensors, scheme, dtype, f"{model} layer {layer} expert {expert}"
-            )
-        by_suffix = by_expert_suffix(tensors)
+            tensors = prequant.dequantize_shard(tensors, scheme, dtype, what)
         out = {}
-        for param, parts in family.params:
-            if param in by_suffix:  # stored fused ([E, ...] split per expert)
-                t = own_copy(by_suffix[param], pin)
-            else:
-                missing = [p for p in parts if p not in by_suffix]
-                if missing:
-                    raise InvalidInputError(
-                        f"{model} layer {layer} expert {expert}: no tensor ending in "
-                        f"{missing[0]!r} (have {sorted(by_suffix)})"
-                    )
-                src = [by_suffix[p] for p in parts]
-                shape = (sum(s.shape[0] for s in src), *src[0].shape[1:])
-                t = torch.empty(shape, dtype=src[0].dtype, pin_memory=pin)
-                torch.cat(src, dim=0, out=t)
-            if tuple(t.shape) != shapes[param]:
-                raise InvalidInputError(
-                    f"{model} layer {layer} expert {expert}: tensor {param!r} has "
-                    f"shape {list(t.shape)} but the model config expects "
-                    f"{list(shapes[param])}"
-                )
+        for param, src in _gather(
+            family, shapes, what, tensors, lambda t: tuple(t.shape)
+        ).items():
+            if len(src) == 1:
+                out[param] = own_copy(src[0], pin)
+                continue
+            t = torch.empty(shapes[param], dtype=src[0].dtype, pin_memory=pin)
+            torch.cat(src, dim=0, out=t)
             out[param] = t
         return out
 
     return prepare
+
+
+def _narrow_for(
+    family: ModelFamily, shapes: dict[str, tuple[int, ...]], model: str
+) -> Narrow:
+    """A Narrow that keeps an expert's 8-bit variant parts, checked against
+    the config's shapes, until the device widens them."""
+
+    def narrow(
+        layer: int, expert: int, parts: Mapping[str, Part], pin: bool
+    ) -> NarrowExpert:
+        what = f"{model} layer {layer} expert {expert}"
+        gathered = _gather(family, shapes, what, parts, part_rows)
+        return NarrowExpert.pack(
+            {
+                param: (shapes[param], src[0].dtype, src)
+                for param, src in gathered.items()
+            },
+            pin,
+        )
+
+    return narrow
 
 
 def lazy_experts_forward(
@@ -424,6 +469,7 @@ def load_lazy_model(
     host_budget_bytes: int | None = None,
     prefetch: bool | None = None,
     width: str = "full",
+    keep_narrow: bool = False,
 ) -> LazyModel:
     """Builds `model` from the server with lazily loaded experts.
 
@@ -450,7 +496,12 @@ def load_lazy_model(
     BENCHMARKS.md, it paid on none of the models there. `width` "int8" or
     "fp8" fetches experts as the server's 8-bit variants (about half the
     bytes of bf16 on the wire), dequantized to the stored dtype when they
-    arrive; hot swaps then fetch the new experts' variants too. A checkpoint
+    arrive; hot swaps then fetch the new experts' variants too. With
+    `keep_narrow` (CUDA) an 8-bit expert stays at that width on the host and
+    is dequantized on the device when it fills a slot: the host tier holds
+    twice the experts and a miss moves half the bytes over PCIe, for more
+    work per miss on the host (the same numbers either way; see
+    `loaders.narrow`, measured in BENCHMARKS.md). A checkpoint
     imported already quantized (config.json's `quantization_config`: FP8
     block scales or compressed-tensors 8-bit, see
     `param_server.core.prequant`) is fetched as stored and dequantized to
@@ -518,6 +569,7 @@ def load_lazy_model(
         policy=policy,
         host_budget_bytes=host_budget_bytes,
         width=width,
+        narrow=_narrow_for(family, shapes, model) if keep_narrow else None,
     )
     if not in_slots:
         for i, experts in moe_layers.items():

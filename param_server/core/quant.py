@@ -206,11 +206,12 @@ def variant_info(
     return about
 
 
-def decode_variant(
+def decode_variant_parts(
     buf: bytes | bytearray | memoryview | mmap.mmap, what: str = "blob"
-) -> dict[str, torch.Tensor]:
-    """The tensors a variant blob stands for, dequantized to their original
-    dtypes (what `decode` of the source gives, up to quantization error).
+) -> dict[str, torch.Tensor | Quantized]:
+    """The tensors of a variant blob as they are stored: each quantized one
+    as its `Quantized` values and scales (views of `buf`), the others as
+    tensors.
 
     Raises:
         InvalidInputError: not a variant, or a quantized tensor without its
@@ -222,7 +223,7 @@ def decode_variant(
     if not isinstance(dtypes, dict):
         raise InvalidInputError(f"{what}: malformed variant description")
     raw = decode(buf, what)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | Quantized] = {}
     for name, t in raw.items():
         if name.endswith(SCALE_SUFFIX):
             continue
@@ -231,7 +232,23 @@ def decode_variant(
             dtype = DTYPES.get(str(dtypes[name]))
             if scales is None or dtype is None:
                 raise InvalidInputError(f"{what}: tensor {name!r} lacks its scales")
-            out[name] = dequantize(Quantized(kind, t, scales, dtype))
+            out[name] = Quantized(kind, t, scales, dtype)
         else:
             out[name] = t
     return out
+
+
+def decode_variant(
+    buf: bytes | bytearray | memoryview | mmap.mmap, what: str = "blob"
+) -> dict[str, torch.Tensor]:
+    """The tensors a variant blob stands for, dequantized to their original
+    dtypes (what `decode` of the source gives, up to quantization error).
+
+    Raises:
+        InvalidInputError: not a variant, or a quantized tensor without its
+            scales.
+    """
+    return {
+        name: dequantize(t) if isinstance(t, Quantized) else t
+        for name, t in decode_variant_parts(buf, what).items()
+    }

@@ -257,3 +257,38 @@ def test_cuda_every_family_equals_the_resident_model(
                     lm.close()
     finally:
         srv.stop(0)
+
+
+@pytest.mark.parametrize("width", ["int8", "fp8"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25])
+def test_cuda_narrow_experts_equal_dequantized_on_arrival(
+    target: str, width: str, fraction: float
+) -> None:
+    """8-bit experts kept narrow on the host and dequantized on the GPU (the
+    CUDA default) compute what experts dequantized on the CPU on arrival
+    compute, bit for bit, from slots, a pool and a pool smaller than a
+    step's experts; the host tier holds about half the bytes."""
+    tag = "qwen3_moe-bfloat16"
+    ids = torch.arange(96, device="cuda").remainder(128).view(2, 48)
+    with ParamClient(target) as c:
+        m = c.get_manifest(tag)
+        every = sum(s.size for k, s in m.shards.items() if ".experts." in k)
+        out, host = [], []
+        for keep in (False, True):
+            lm = load_lazy_model(
+                c,
+                tag,
+                budget_bytes=int(every * fraction),
+                device="cuda",
+                width=width,
+                keep_narrow=keep,
+                host_budget_bytes=10**9,
+            )
+            with torch.no_grad():
+                out.append(lm.model(ids).logits)
+                out.append(lm.model(ids.flip(0)).logits)  # misses from the host
+            host.append(lm.loader.stats().host_bytes)
+            lm.close()
+        assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3])
+        if fraction < 1.0:
+            assert 0.45 < host[1] / host[0] < 0.6

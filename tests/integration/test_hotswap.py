@@ -54,6 +54,8 @@ class Live:
         fraction: float = 0.5,
         implementation: str | None = "eager",
         width: str = "full",
+        keep_narrow: bool = False,
+        host_budget_bytes: int | None = None,
         **kw: object,
     ) -> tuple[LazyModel, HotSwapper]:
         """A live lazy model on its own connection, with a started swapper."""
@@ -67,6 +69,8 @@ class Live:
             budget_bytes=max(max(sizes), int(sum(sizes) * fraction)),
             experts_implementation=implementation,
             width=width,
+            keep_narrow=keep_narrow,
+            host_budget_bytes=host_budget_bytes,
         )
         kw.setdefault("heartbeat_interval", 0.5)
         kw.setdefault("reconcile_interval", 600.0)  # announcements must do it
@@ -245,6 +249,46 @@ def test_a_node_on_8_bit_experts_serves_and_swaps(live: Live, width: str) -> Non
         assert sw.status().errors == 0
         st = lm.loader.stats()
         assert st.resident_bytes <= lm.loader.budget_bytes
+
+
+@pytest.mark.parametrize("live", ["mixtral-bfloat16"], indirect=True)
+@pytest.mark.parametrize("width", ["int8", "fp8"])
+def test_experts_kept_narrow_until_the_device_serve_the_same_numbers(
+    live: Live, width: str
+) -> None:
+    """What a node on CUDA does with 8-bit experts (forced here on the CPU):
+    each kept at its variant's width in the host tier and dequantized when
+    it fills a slot. The logits are those of a node that dequantizes on
+    arrival, with every expert in its slot and with half in a pool, before
+    and after a hot swap, while the host tier holds about half the bytes."""
+    pairs = []
+    for fraction in (1.0, 0.5):
+        pair = [
+            live.node(
+                fraction,
+                implementation=None,
+                width=width,
+                keep_narrow=keep,
+                host_budget_bytes=10**9,
+            )
+            for keep in (False, True)
+        ]
+        pairs.append(pair)
+        (wide, _), (narrow, _) = pair
+        assert narrow.loader.keeps_narrow and not wide.loader.keeps_narrow
+        assert logits(narrow) == logits(wide)
+    (wide, _), (narrow, _) = pairs[1]
+    ratio = narrow.loader.stats().host_bytes / wide.loader.stats().host_bytes
+    assert 0.45 < ratio < 0.6, ratio
+    before = logits(narrow)
+    v2 = live.bump(experts=((0, 0), (1, 2)))
+    for pair in pairs:
+        for _, sw in pair:
+            assert sw.wait_for_version(v2, 10)
+            assert sw.status().errors == 0
+        (wide, _), (narrow, _) = pair
+        assert logits(narrow) == logits(wide)
+    assert logits(narrow) != before
 
 
 @pytest.mark.parametrize("live", ["mixtral-bfloat16"], indirect=True)
