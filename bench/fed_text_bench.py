@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import tempfile
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-CORPUS = Path("/usr/share/games/fortunes")
+CORPUS = Path(os.environ.get("FORTUNES_DIR", "/usr/share/games/fortunes"))
 GENERAL = ("fortunes", "wisdom", "people", "miscellaneous")
 TOPICS = {
     "inst-computers": "computers",

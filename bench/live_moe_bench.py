@@ -219,7 +219,8 @@ def main() -> None:
         "--widths",
         default="full",
         help="widths experts cross the network in below a 100%% budget, of: "
-        "full, int8, fp8 (the 8-bit ones are dequantized on arrival)",
+        "full, int8, fp8 (8-bit ones are dequantized when they arrive; "
+        "int8:narrow or fp8:narrow keeps them 8-bit until the device)",
     )
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
@@ -317,10 +318,26 @@ def main() -> None:
                 if v == "default" or others is None or frac in others:
                     plan.extend((frac, v, w) for w in widths)
         with spawn_daemon(work / "store", announce=False) as daemon:
+            # The daemon makes a variant on its first request: made here, so
+            # that no row's misses wait for it.
+            made = {w.partition(":")[0] for w in widths} - {"full"}
+            with ParamClient(daemon.target, same_host=False) as c:
+                m = c.get_manifest("live")
+                experts = [k for k in m.shards if is_expert_key(k)]
+                for w in sorted(made):
+                    t = time.perf_counter()
+                    for i in range(0, len(experts), 32):  # each call in time
+                        c.variants(m, experts[i : i + 32], w)
+                    print(
+                        f"{w} variants of {len(experts)} experts made in "
+                        f"{time.perf_counter() - t:.1f} s",
+                        flush=True,
+                    )
             for frac, variant, width in plan:
                 budget = max(max(sizes), int(total * frac))
                 same_host, host_on, prefetch = VARIANTS[variant]
                 with ParamClient(daemon.target, same_host=same_host) as c:
+                    w, _, when = width.partition(":")
                     lm = load_lazy_model(
                         c,
                         "live",
@@ -328,15 +345,18 @@ def main() -> None:
                         device=device,
                         prefetch=prefetch,
                         host_budget_bytes=None if host_on else 0,
-                        width=width,
+                        width=w,
+                        keep_narrow=when == "narrow",
                     )
                     if biases is not None:
                         skew_routers(lm.model, biases)
                     label = f"lazy {frac:.1%} ({lm.experts_implementation})"
                     if frac < 1.0:
                         label += f", {variant}"
-                    if width != "full":
-                        label += f", {width} experts"
+                    if w != "full":
+                        label += f", {w} experts"
+                        if lm.loader.keeps_narrow:
+                            label += " kept narrow"
                     for b in batches:
                         if frac < 1.0 and b not in small:
                             continue

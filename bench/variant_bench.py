@@ -106,7 +106,7 @@ def bytes_and_time(work: Path, layers: int, experts: int) -> None:
         srv.stop(0)  # type: ignore[attr-defined]
 
 
-def quality(work: Path, steps: int) -> None:
+def quality(work: Path, args: argparse.Namespace) -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -120,13 +120,27 @@ def quality(work: Path, steps: int) -> None:
     from fed_clients.train import TrainConfig, build_model, train_local
     from loaders.quality import variant_quality
 
-    docs = [d for f in (*GENERAL, *TOPICS.values()) for d in fortunes(f)]
+    if args.corpus == "fortunes":
+        docs = [d for f in (*GENERAL, *TOPICS.values()) for d in fortunes(f)]
+        what = "fortunes"
+    else:  # the interpreter's own standard library: low-entropy text
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        docs, size = [], 0
+        for f in sorted(root.rglob("*.py")):
+            if "test" in f.relative_to(root).parts[0] or size >= args.max_chars:
+                continue
+            docs.append(f.read_text(encoding="utf-8", errors="replace"))
+            size += len(docs[-1])
+        what = f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib files"
     held, train = docs[::20], [d for i, d in enumerate(docs) if i % 20]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
-        train, trainers.BpeTrainer(vocab_size=2048, special_tokens=["<unk>", "<eos>"])
+        train,
+        trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=["<unk>", "<eos>"]),
     )
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>"
@@ -134,14 +148,14 @@ def quality(work: Path, steps: int) -> None:
     cfg = {
         "model_type": "mixtral",
         "vocab_size": len(tokenizer),
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
+        "hidden_size": args.q_hidden,
+        "intermediate_size": args.q_inter,
+        "num_hidden_layers": args.q_layers,
+        "num_attention_heads": max(4, args.q_hidden // 64),
         "num_key_value_heads": 2,
-        "num_local_experts": 4,
+        "num_local_experts": args.q_experts,
         "num_experts_per_tok": 2,
-        "max_position_embeddings": 64,
+        "max_position_embeddings": args.seq_len,
         "tie_word_embeddings": False,
     }
     torch.manual_seed(0)
@@ -150,23 +164,32 @@ def quality(work: Path, steps: int) -> None:
     from safetensors.torch import load_file
 
     start = load_file(str(work / "init" / "model.safetensors"))
-    data = pack(train, tokenizer, 64, "train")
+    data = pack(train, tokenizer, args.seq_len, "train")
     t = time.perf_counter()
     trained = train_local(
         json.dumps(cfg),
         start,
         data,
-        TrainConfig(steps=steps, batch_size=16, lr=3e-3, trainable="all", device="cpu"),
+        TrainConfig(
+            steps=args.steps,
+            batch_size=16,
+            lr=args.lr,
+            trainable="all",
+            device=args.device,
+        ),
     ).tensors
     model = build_model(json.dumps(cfg), trained, torch.bfloat16)
     model.save_pretrained(work / "trained")
     tokenizer.save_pretrained(work / "trained")
     import_checkpoint(Store(work / "qstore"), work / "trained", "fortunes")
-    ids = pack(held, tokenizer, 64, "held-out")[:64]
+    ids = pack(held, tokenizer, args.seq_len, "held-out")
+    ids = ids[: max(1, args.held_tokens // args.seq_len)]
     print(
-        f"\ntiny Mixtral (2 layers, 4 experts, hidden 128) pre-trained {steps} steps "
-        f"on {len(train)} fortunes in {time.perf_counter() - t:.0f} s, stored bf16; "
-        f"measured on {ids.numel()} tokens of {len(held)} held-out fortunes",
+        f"\nMixtral ({args.q_layers} layers, {args.q_experts} experts of "
+        f"{args.q_hidden} x {args.q_inter}, top-2, hidden {args.q_hidden}) "
+        f"pre-trained {args.steps} steps on {len(train)} {what} in "
+        f"{time.perf_counter() - t:.0f} s on {args.device}, stored bf16; measured "
+        f"on {ids.numel()} tokens of {len(held)} held-out {what}",
         flush=True,
     )
     srv, target = serve(work / "qstore")
@@ -178,7 +201,7 @@ def quality(work: Path, steps: int) -> None:
             )
             print("|---|---|---|---|---|")
             for width in ("int8", "fp8"):
-                q = variant_quality(c, "fortunes", width, ids)
+                q = variant_quality(c, "fortunes", width, ids, device=args.device)
                 print(
                     f"| {width} | {q.kl:.5f} | {q.top1:.2%} | {q.loss_full:.4f} -> "
                     f"{q.loss_variant:.4f} | "
@@ -196,12 +219,37 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--quality", action="store_true")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=600, help="pre-training steps")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", default="cpu", help="where the quality part runs")
+    ap.add_argument("--q-hidden", type=int, default=128, help="quality model's hidden")
+    ap.add_argument(
+        "--q-inter", type=int, default=256, help="its experts' intermediate size"
+    )
+    ap.add_argument("--q-layers", type=int, default=2)
+    ap.add_argument("--q-experts", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument(
+        "--corpus",
+        choices=["fortunes", "python"],
+        default="fortunes",
+        help="text to train and measure on: Debian's fortunes, or the "
+        "interpreter's standard library sources",
+    )
+    ap.add_argument(
+        "--max-chars", type=int, default=20_000_000, help="cap on the python corpus"
+    )
+    ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
+    ap.add_argument(
+        "--held-tokens", type=int, default=4096, help="held-out tokens measured"
+    )
+    ap.add_argument("--skip-bytes", action="store_true", help="only the quality part")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="variants-") as tmp:
-        bytes_and_time(Path(tmp), args.layers, args.experts)
+        if not args.skip_bytes:
+            bytes_and_time(Path(tmp), args.layers, args.experts)
         if args.quality:
-            quality(Path(tmp), args.steps)
+            quality(Path(tmp), args)
 
 
 if __name__ == "__main__":
