@@ -248,6 +248,11 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         self.config = config
         self.read_only = config.read_only or not store.writable()
         self.announcer = announcer
+        # Variants of a commit's new experts, made ahead of the nodes' asking
+        # for the widths they use (see `_make_ahead`).
+        self._ahead = futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="variants-ahead"
+        )
         self.guard = _StreamGuard(config.max_streams, config.idle_timeout)
         self.auth = (
             Authorizer(config.tokens, plaintext=config.tls_cert is None)
@@ -258,6 +263,39 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
     def _announce(self) -> None:
         if self.announcer is not None:
             self.announcer.poke()
+
+    def _make_ahead(self, manifest: Manifest) -> None:
+        """Starts making the 8-bit variants nodes will ask for once they
+        hear of `manifest`: of each expert it changed, in each width the
+        expert's previous bytes were asked for. A node's request for one
+        still being made waits for it (one maker per variant), so a swap on
+        8-bit experts no longer starts its quantization when the first
+        node asks."""
+        parent = manifest.parent
+        if not parent:
+            return
+        try:
+            wanted = self.store.variants_to_make(
+                self.store.get_manifest(manifest.model, parent), manifest
+            )
+        except ParamServerError as e:  # the commit stands; nodes make them
+            logger.warning("variants of %s@%d: %s", manifest.model, manifest.version, e)
+            return
+        for digest, kind in wanted:
+            self._ahead.submit(self._make_one, manifest, digest, kind)
+
+    def _make_one(self, manifest: Manifest, digest: str, kind: str) -> None:
+        try:
+            self.store.variant(digest, kind)
+        except ParamServerError as e:  # a node asking gets the same error
+            logger.warning(
+                "%s variant of %s in %s@%d: %s",
+                kind,
+                digest,
+                manifest.model,
+                manifest.version,
+                e,
+            )
 
     def _authorize(
         self, context: Any, role: Role | None, request: Any, scope: Scope
@@ -468,6 +506,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
                 metadata=metadata,
                 allow_schema_change=h.allow_schema_change,
             )
+        self._make_ahead(result.manifest)
         self._announce()
         return pb.CommitResponse(
             manifest=manifest_page(result.manifest),  # the rest by GetManifest

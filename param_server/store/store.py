@@ -61,6 +61,7 @@ from param_server.core.names import (
 )
 from param_server.core.results import CommitResult, GcResult
 from param_server.core.safetensors_format import Header, read_header
+from param_server.core.shards import is_expert_key
 
 logger = logging.getLogger(__name__)
 
@@ -565,6 +566,28 @@ class Store:
             with self._making_lock:
                 if not maker.locked():
                     self._making.pop((kind, digest), None)
+
+    def variants_to_make(
+        self, parent: Manifest | None, manifest: Manifest
+    ) -> list[tuple[str, str]]:
+        """(source digest, kind) of the variants nodes will ask for next: for
+        every expert shard `manifest` changed against `parent`, each width
+        the shard's previous bytes have a variant of (a width in use for it)
+        that its new bytes lack. Cheap: a look at the variant records."""
+        if parent is None:
+            return []
+        out = []
+        for key in manifest.changed:
+            entry, old = manifest.shards.get(key), parent.shards.get(key)
+            if entry is None or old is None or not is_expert_key(key):
+                continue
+            for kind in (widths.INT8, widths.FP8):
+                if (
+                    self._variant_record(kind, old.digest).exists()
+                    and not self._variant_record(kind, entry.digest).exists()
+                ):
+                    out.append((entry.digest, kind))
+        return out
 
     def _recorded_variant(self, kind: str, digest: str) -> tuple[str, int] | None:
         """The recorded `kind` variant of `digest`, verified; None when there is

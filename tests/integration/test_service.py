@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from param_server.api.v1 import param_server_pb2 as pb
 from param_server.api.v1 import param_server_pb2_grpc as pb_grpc
 from param_server.client import ParamClient
+from param_server.core import tensor_codec
 from param_server.core.errors import (
     IntegrityError,
     InvalidInputError,
@@ -586,3 +587,34 @@ def test_experts_fetched_at_8_bits(
         fresh[experts[0]][next(iter(got[experts[0]]))],
         got[experts[0]][next(iter(got[experts[0]]))],
     )
+
+
+def test_a_commit_makes_its_experts_variants_in_the_widths_in_use(
+    server: Server, checkpoints: dict[str, Checkpoint]
+) -> None:
+    """Once a node has fetched an expert as int8, a commit that changes it
+    starts making the new bytes' int8 variant before anyone asks; an expert
+    nobody fetched at 8 bits, and widths nobody used, are left alone."""
+    ck = checkpoints["qwen3_moe-bfloat16"]
+    import_checkpoint(server.store(), ck.path, "m")
+    used, unused = "layers.0.experts.1", "layers.1.experts.3"
+    store = server.store()
+    with ParamClient(server.target, same_host=False, retries=1) as c:
+        m = c.get_manifest("m")
+        c.fetch_shards("m", [used], manifest=m, width="int8")
+        shards = {
+            k: {n: t * 1.5 for n, t in tensor_codec.decode(buf, k).items()}
+            for k, buf in c.fetch_blobs(m, [used, unused]).items()
+        }
+        m2 = c.commit("m", m.version, shards).manifest
+    new, other = m2.shards[used].digest, m2.shards[unused].digest
+    assert new != m.shards[used].digest
+
+    def made(digest: str, kind: str) -> bool:
+        return (store.root / "variants" / kind / digest).exists()
+
+    assert wait_until(lambda: made(new, "int8"))
+    digest, _ = store.variant(new, "int8")  # the one made ahead, verified
+    assert store.verify_blob(digest)
+    assert not made(other, "int8")
+    assert not made(new, "fp8")
