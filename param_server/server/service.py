@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -249,10 +250,12 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
         self.read_only = config.read_only or not store.writable()
         self.announcer = announcer
         # Variants of a commit's new experts, made ahead of the nodes' asking
-        # for the widths they use (see `_make_ahead`).
-        self._ahead = futures.ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="variants-ahead"
-        )
+        # for the widths they use (see `_make_ahead`), by at most two daemon
+        # threads: a stopping daemon never waits for them (a variant cut
+        # mid-write is a staging leftover, cleaned at the next start).
+        self._ahead: queue.SimpleQueue[tuple[Manifest, str, str]] = queue.SimpleQueue()
+        self._ahead_lock = threading.Lock()
+        self._ahead_workers = 0
         self.guard = _StreamGuard(config.max_streams, config.idle_timeout)
         self.auth = (
             Authorizer(config.tokens, plaintext=config.tls_cert is None)
@@ -282,20 +285,34 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             logger.warning("variants of %s@%d: %s", manifest.model, manifest.version, e)
             return
         for digest, kind in wanted:
-            self._ahead.submit(self._make_one, manifest, digest, kind)
+            self._ahead.put((manifest, digest, kind))
+            with self._ahead_lock:
+                if self._ahead_workers >= 2:
+                    continue
+                self._ahead_workers += 1
+            threading.Thread(
+                target=self._make_queued, name="variants-ahead", daemon=True
+            ).start()
 
-    def _make_one(self, manifest: Manifest, digest: str, kind: str) -> None:
-        try:
-            self.store.variant(digest, kind)
-        except ParamServerError as e:  # a node asking gets the same error
-            logger.warning(
-                "%s variant of %s in %s@%d: %s",
-                kind,
-                digest,
-                manifest.model,
-                manifest.version,
-                e,
-            )
+    def _make_queued(self) -> None:
+        while True:
+            with self._ahead_lock:  # an empty queue ends the worker
+                try:
+                    manifest, digest, kind = self._ahead.get_nowait()
+                except queue.Empty:
+                    self._ahead_workers -= 1
+                    return
+            try:
+                self.store.variant(digest, kind)
+            except ParamServerError as e:  # a node asking gets the same error
+                logger.warning(
+                    "%s variant of %s in %s@%d: %s",
+                    kind,
+                    digest,
+                    manifest.model,
+                    manifest.version,
+                    e,
+                )
 
     def _authorize(
         self, context: Any, role: Role | None, request: Any, scope: Scope
