@@ -542,54 +542,36 @@ class LazyExpertLoader:
         wait: torch.cuda.Event | None = None,
     ) -> tuple[Tensors, torch.cuda.Event | None]:
         """`ts` on the loader's device: in `dst` (an expert's slot) when given,
-        else in new tensors; a narrow expert is widened there."""
-        if isinstance(ts, NarrowExpert):
-            return self._widen(ts, dst, wait)
+        else in new tensors; a narrow expert is widened there. On CUDA the
+        work runs on the copy stream, after `wait`, and an event recorded
+        after it is returned."""
         if not self._cuda:
-            if dst is None:
-                return ts, None
-            for n, t in dst.items():
-                t.copy_(ts[n])
-            return dst, None
+            return self._place(ts, dst), None
         assert self._copy_stream is not None
         with torch.cuda.stream(self._copy_stream):
             if wait is not None:  # the slot's last readers are done
                 self._copy_stream.wait_event(wait)
-            if dst is None:
-                out = {n: t.to(self.device, non_blocking=True) for n, t in ts.items()}
-            else:
-                out = dst
-                for n, t in dst.items():
-                    t.copy_(ts[n], non_blocking=True)
+            out = self._place(ts, dst)
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record(self._copy_stream)
         # The pinned host buffers may be dropped now: PyTorch's host allocator
         # keeps them until the copy that reads them has finished.
         return out, ready
 
-    def _widen(
-        self,
-        ts: NarrowExpert,
-        dst: Tensors | None,
-        wait: torch.cuda.Event | None,
-    ) -> tuple[Tensors, torch.cuda.Event | None]:
-        """A narrow expert dequantized on the device, on the copy stream."""
-        if self._copy_stream is None:
+    def _place(self, ts: Host, dst: Tensors | None) -> Tensors:
+        """`ts` on the device (see `_to_device`), on the current stream."""
+        if isinstance(ts, NarrowExpert):
             if dst is None:
-                return ts.widen(self.device), None
+                return ts.widen(self.device)
             ts.widen_into(dst)
-            return dst, None
-        with torch.cuda.stream(self._copy_stream):
-            if wait is not None:
-                self._copy_stream.wait_event(wait)
-            if dst is None:
-                out = ts.widen(self.device)
-            else:
-                out = dst
-                ts.widen_into(dst)
-            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            ready.record(self._copy_stream)
-        return out, ready
+            return dst
+        if dst is None:
+            if not self._cuda:
+                return ts
+            return {n: t.to(self.device, non_blocking=True) for n, t in ts.items()}
+        for n, t in dst.items():
+            t.copy_(ts[n], non_blocking=self._cuda)
+        return dst
 
     def _ready_for_use(self, digests: list[str]) -> None:
         """Makes the current (compute) stream wait for these experts' copies.

@@ -26,7 +26,7 @@ from torch import nn
 
 from loaders.cache import LazyExpertLoader, Tensors, own_copy
 from loaders.eviction import EvictionPolicy
-from loaders.narrow import Narrow, NarrowExpert, Part, part_rows
+from loaders.narrow import Narrow, NarrowExpert, Part, part_shape
 from loaders.pool import ExpertPool
 from loaders.slots import ExpertSlots
 from param_server.client import ParamClient
@@ -121,7 +121,7 @@ def _narrow_for(
         layer: int, expert: int, parts: Mapping[str, Part], pin: bool
     ) -> NarrowExpert:
         what = f"{model} layer {layer} expert {expert}"
-        gathered = _gather(family, shapes, what, parts, part_rows)
+        gathered = _gather(family, shapes, what, parts, part_shape)
         return NarrowExpert.pack(
             {
                 param: (shapes[param], src[0].dtype, src)

@@ -30,7 +30,7 @@ Part = torch.Tensor | quant.Quantized
 _ALIGN = 16
 
 
-def part_rows(part: Part) -> tuple[int, ...]:
+def part_shape(part: Part) -> tuple[int, ...]:
     """The shape of the tensor a part stands for."""
     return tuple(part.values.shape if isinstance(part, quant.Quantized) else part.shape)
 
@@ -125,7 +125,8 @@ class NarrowExpert:
                     target.copy_(values.reshape(target.shape))
                 else:
                     assert p.dtype is not None
-                    _dequantize_into(target, values, p.scales.view(on), p.kind, p.dtype)
+                    qz = quant.Quantized(p.kind, values, p.scales.view(on), p.dtype)
+                    quant.dequantize(qz, out=target)
                 row += rows
 
     def widen(self, device: torch.device) -> Tensors:
@@ -136,42 +137,6 @@ class NarrowExpert:
         }
         self.widen_into(out)
         return out
-
-
-def _dequantize_into(
-    out: torch.Tensor,
-    values: torch.Tensor,
-    scales: torch.Tensor,
-    kind: str,
-    dtype: torch.dtype,
-) -> None:
-    """`out` = the weight `values` and `scales` stand for: float32 products
-    rounded once to `dtype` (as `quant.dequantize`), then to `out`'s dtype."""
-    rows, cols = values.shape[-2], values.shape[-1]
-    q = values.reshape(rows, cols)
-    direct = out.dtype == dtype and out.is_contiguous()
-    res = (
-        out.view(rows, cols)
-        if direct
-        else torch.empty((rows, cols), dtype=dtype, device=out.device)
-    )
-    if kind == quant.INT8:
-        torch.mul(q, scales[:, None], out=res)
-    else:  # float8 does not promote: widened first
-        q = q.float()
-        br, bc = scales.shape
-        if rows == br * quant.FP8_BLOCK and cols == bc * quant.FP8_BLOCK:
-            torch.mul(
-                q.view(br, quant.FP8_BLOCK, bc, quant.FP8_BLOCK),
-                scales[:, None, :, None],
-                out=res.view(br, quant.FP8_BLOCK, bc, quant.FP8_BLOCK),
-            )
-        else:
-            s = scales.repeat_interleave(quant.FP8_BLOCK, 0)
-            s = s.repeat_interleave(quant.FP8_BLOCK, 1)[:rows, :cols]
-            torch.mul(q, s, out=res)
-    if not direct:
-        out.copy_(res.view(out.shape))
 
 
 Narrow = Callable[[int, int, Mapping[str, Part], bool], NarrowExpert]

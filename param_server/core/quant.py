@@ -104,25 +104,45 @@ def quantize(w: torch.Tensor, kind: str, what: str = "weight") -> Quantized:
     raise InvalidInputError(f"unknown quantization {kind!r}; choose {INT8} or {FP8}")
 
 
-def dequantize(qz: Quantized, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(
+    qz: Quantized, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The weight `qz` stands for, in `dtype` (default: the original dtype),
-    computed in float32 and rounded once."""
+    computed in float32 and rounded once, on the device `qz` is on. With
+    `out` (the weight's shape, on that device) it is written there, then
+    converted to `out`'s dtype if that differs, and `out` is returned."""
+    if qz.kind not in (INT8, FP8):
+        raise InvalidInputError(f"unknown quantization {qz.kind!r}")
     shape = qz.values.shape
-    q = qz.values.reshape(shape[-2], shape[-1]).float()
+    rows, cols = shape[-2], shape[-1]
+    want = dtype or qz.dtype
+    direct = out is not None and out.dtype == want and out.is_contiguous()
+    res = (
+        out.view(rows, cols)
+        if out is not None and direct
+        else torch.empty((rows, cols), dtype=want, device=qz.values.device)
+    )
+    q = qz.values.reshape(rows, cols)
+    # Products in float32 (int8 promotes to it), rounded once into `res`.
     if qz.kind == INT8:
-        w = q * qz.scales[:, None]
-    elif qz.kind == FP8:
-        rows, cols = q.shape
+        torch.mul(q, qz.scales[:, None], out=res)
+    else:
+        q = q.float()  # float8 does not promote
         br, bc = qz.scales.shape
         if rows == br * FP8_BLOCK and cols == bc * FP8_BLOCK:  # whole blocks
-            blocks = q.view(br, FP8_BLOCK, bc, FP8_BLOCK)
-            w = (blocks * qz.scales[:, None, :, None]).view(rows, cols)
+            torch.mul(
+                q.view(br, FP8_BLOCK, bc, FP8_BLOCK),
+                qz.scales[:, None, :, None],
+                out=res.view(br, FP8_BLOCK, bc, FP8_BLOCK),
+            )
         else:
             s = qz.scales.repeat_interleave(FP8_BLOCK, 0)
-            w = q * s.repeat_interleave(FP8_BLOCK, 1)[:rows, :cols]
-    else:
-        raise InvalidInputError(f"unknown quantization {qz.kind!r}")
-    return w.to(dtype or qz.dtype).reshape(shape)
+            torch.mul(q, s.repeat_interleave(FP8_BLOCK, 1)[:rows, :cols], out=res)
+    if out is None:
+        return res.view(shape)
+    if not direct:
+        out.copy_(res.view(out.shape))
+    return out
 
 
 # --- variant blobs -----------------------------------------------------------------

@@ -281,7 +281,7 @@ class ParamServerServicer(pb_grpc.ParamServerServicer):
             wanted = self.store.variants_to_make(
                 self.store.get_manifest(manifest.model, parent), manifest
             )
-        except ParamServerError as e:  # the commit stands; nodes make them
+        except (ParamServerError, OSError) as e:  # the commit stands
             logger.warning("variants of %s@%d: %s", manifest.model, manifest.version, e)
             return
         for digest, kind in wanted:
